@@ -1,0 +1,104 @@
+"""TrainModelsFlow: train five classifiers in parallel, evaluate them, record a champion.
+
+    python metaflow/train_models.py run
+    python metaflow/train_models.py run --dataset my.csv --target label
+    python metaflow/train_models.py card view evaluate
+
+Every step is a few lines; the work lives in `src/batchscore`.
+"""
+
+from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
+
+from batchscore.config import Settings
+from batchscore.evaluation import metrics_only
+from batchscore.models import MODEL_NAMES, choose_champion, train_model
+from batchscore.report import card_components, print_mapping, print_metrics
+from batchscore.training import evaluate_all, prepare_data, save_training
+
+
+class TrainModelsFlow(FlowSpec):
+    dataset = Parameter(
+        "dataset",
+        default="breast_cancer",
+        help="`breast_cancer`, or a CSV/Parquet path or URL (file, s3://, http)",
+    )
+    target = Parameter("target", default="", help="label column of a file dataset")
+    positive_class = Parameter(
+        "positive_class", default="", help="label value that counts as positive (default: the larger)"
+    )
+    test_size = Parameter("test_size", default=0.2, type=float, help="share of rows held out")
+    random_state = Parameter("random_state", default=42, type=int)
+    cv_folds = Parameter("cv_folds", default=5, type=int, help="cross-validation folds")
+
+    @step
+    def start(self):
+        """Say where data, metrics and models will go."""
+        print_mapping("batchscore services", Settings().describe())
+        self.next(self.load_and_prepare_data)
+
+    @retry(times=2)
+    @step
+    def load_and_prepare_data(self):
+        """Load, split, and publish the test split as the batch flow's default input."""
+        self.data = prepare_data(
+            self.dataset,
+            self.target or None,
+            self.test_size,
+            self.random_state,
+            Settings(),
+            self.positive_class or None,
+        )
+        self.model_names = list(MODEL_NAMES)
+        self.next(self.train_model, foreach="model_names")
+
+    @resources(cpu=2, memory=4096)
+    @timeout(hours=2)
+    @step
+    def train_model(self):
+        """One branch per model: grid search with cross-validation."""
+        self.trained = train_model(
+            self.input, self.data.train_features, self.data.train_labels,
+            self.cv_folds, self.random_state,
+        )
+        self.next(self.join_models)
+
+    @step
+    def join_models(self, inputs):
+        """Gather the tuned models."""
+        self.trained = {branch.trained.name: branch.trained for branch in inputs}
+        self.merge_artifacts(inputs, include=["data"])
+        self.next(self.evaluate)
+
+    @card(type="blank")
+    @step
+    def evaluate(self):
+        """Test-split metrics and figures; the champion is chosen by CV, not by these."""
+        results, self.pngs = evaluate_all(self.trained, self.data)
+        self.metrics = metrics_only(results)
+        self.cv_scores = {name: model.cv_score for name, model in self.trained.items()}
+        self.champion = choose_champion(self.trained)
+        current.card.extend(card_components(
+            self.metrics, self.cv_scores, self.champion, self.pngs, self.data.classes[1]
+        ))
+        self.next(self.store_results)
+
+    @retry(times=2)
+    @step
+    def store_results(self):
+        """Models and plots to the store, metrics and the champion to the database."""
+        saved = save_training(
+            f"{current.flow_name}/{current.run_id}", self.trained, self.metrics,
+            self.pngs, self.champion, self.data, Settings(), self.target or None,
+        )
+        self.model_uris, self.plot_uris = saved.model_uris, saved.plot_uris
+        self.next(self.end)
+
+    @step
+    def end(self):
+        """The summary: every model's metrics and the champion."""
+        print_metrics(self.metrics, self.cv_scores, self.champion)
+        print(f"champion: {self.champion} -> {self.model_uris[self.champion]}")
+
+
+if __name__ == "__main__":
+    TrainModelsFlow()

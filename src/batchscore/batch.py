@@ -1,0 +1,225 @@
+"""What BatchProcessingFlow's steps do: load verified models, shard, score, publish.
+
+Memory follows `shard_rows`: the input is read in batches and cut into Parquet shards,
+and each shard is scored and written on its own. Nothing holds the whole table.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchscore.config import Settings
+from batchscore.data import InputError, iter_frames, to_feature_frame
+from batchscore.keys import id_keys, row_keys
+from batchscore.models import load_model
+from batchscore.online import OnlineStore
+from batchscore.scoring import LoadedModel, encode_predictions
+from batchscore.store import ObjectStore
+from batchscore.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The models to score with (champion first) and the schema they were trained on."""
+
+    training_run_id: str
+    models: list[LoadedModel]
+    feature_columns: list[str]
+    classes: tuple[str, str]
+
+    @property
+    def champion(self) -> str:
+        return self.models[0].name
+
+
+def load_models(which: str, settings: Settings) -> ModelBundle:
+    """The recorded champion (or all models), each checked against its SHA-256 first."""
+    tracker = Tracker(settings.resolved_database_url)
+    try:
+        records = tracker.model_records(which)
+    finally:
+        tracker.close()
+    models = [
+        LoadedModel(
+            name=r.model,
+            estimator=load_model(ObjectStore.read_uri(r.model_uri, settings), r.model_sha256, r.model_uri),
+            sha256=r.model_sha256,
+        )
+        for r in records
+    ]
+    first = records[0]
+    return ModelBundle(first.training_run_id, models, first.feature_columns, first.classes)
+
+
+def default_input(settings: Settings) -> str:
+    """The test split the latest training run published."""
+    tracker = Tracker(settings.resolved_database_url)
+    try:
+        return tracker.latest_batch_input()
+    finally:
+        tracker.close()
+
+
+def plan_shards(
+    input_uri: str,
+    feature_columns: list[str],
+    shard_rows: int,
+    run_id: str,
+    settings: Settings,
+) -> list[str]:
+    """Validate every row of the input and cut it into Parquet shards in the store.
+
+    The shards are this run's scratch space: nothing readers see changes here, so an
+    input error found in the last row still leaves Redis and the database untouched.
+    """
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be at least 1, not {shard_rows}")
+    store = ObjectStore.from_settings(settings)
+    folder = f"batch/{run_id.replace('/', '-')}/shards"
+    id_column = settings.id_column
+    shards: list[str] = []
+    rows = 0
+    for frame in iter_frames(input_uri, settings, shard_rows, numeric_columns=feature_columns):
+        extra = [id_column] if id_column else []
+        table = pa.Table.from_pandas(
+            to_feature_frame(frame, feature_columns, input_uri, rows + 1, extra),
+            preserve_index=False,
+        )
+        if id_column and id_column in frame.columns:
+            ids = id_keys(frame[id_column], input_uri, id_column)
+            table = table.append_column(id_column, pa.array(ids, pa.string()))
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        shards.append(store.put_bytes(f"{folder}/part-{len(shards):05d}.parquet", buffer.getvalue()))
+        rows += len(frame)
+    if not rows:
+        raise InputError(f"{input_uri}: the table has a header but no rows")
+    return shards
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    rows_scored: int
+    keys_written: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def score_shard(
+    shard: int,
+    shard_uri: str,
+    bundle: ModelBundle,
+    version: str,
+    settings: Settings,
+    ttl_seconds: int | None = None,
+    online: OnlineStore | None = None,
+) -> ShardResult:
+    """Read one shard, key it, predict, and write it under the staged version."""
+    clock = _Clock()
+    table = pq.read_table(io.BytesIO(ObjectStore.read_uri(shard_uri, settings)))
+    features = table.select(bundle.feature_columns).to_pandas()
+    id_column = settings.id_column
+    clock.lap("read")
+    if id_column and id_column in table.column_names:
+        keys = table.column(id_column).to_pylist()
+    else:
+        keys = row_keys(features.to_numpy())
+    first = ~pd.Index(keys).duplicated(keep="first")
+    if not first.all():
+        keys = [k for k, keep in zip(keys, first, strict=True) if keep]
+        features = features.loc[first].reset_index(drop=True)
+    clock.lap("key")
+    values = encode_predictions(bundle.models, features, bundle.classes)
+    clock.lap("predict")
+    online = online or OnlineStore.from_settings(settings)
+    written = online.write(version, shard, keys, values, ttl_seconds)
+    clock.lap("write")
+    return ShardResult(shard, table.num_rows, written, clock.seconds)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    rows_scored: int
+    keys_written: int
+    published: bool  # False: a newer version was already current, and stays so
+    retired: list[str]
+
+
+def publish(
+    run_id: str,
+    version: str,
+    results: list[ShardResult],
+    input_uri: str,
+    bundle: ModelBundle,
+    settings: Settings,
+) -> PublishResult:
+    """Switch readers to the new version once every shard is counted; record the run."""
+    online = OnlineStore.from_settings(settings)
+    rows = sum(r.rows_scored for r in results)
+    keys = sum(r.keys_written for r in results)
+    record = {
+        "input_uri": input_uri,
+        "training_run_id": bundle.training_run_id,
+        "models": [m.name for m in bundle.models],
+        "redis_version": version,
+        "rows_scored": rows,
+        "keys_written": keys,
+        "published": False,
+    }
+    tracker = Tracker(settings.resolved_database_url)
+    try:
+        # Recorded before the switch: a live version always has its lineage row.
+        tracker.record_batch(run_id, record)
+        published = online.publish(version, keys, len(results))
+        if published:
+            tracker.mark_published(run_id)
+    finally:
+        tracker.close()
+    retired: list[str] = []
+    if published:
+        try:
+            retired = online.retire()
+        except Exception as exc:  # housekeeping only: the new version is already live
+            log.warning("could not retire old versions: %s", exc)
+    else:
+        log.warning("%s is newer than %s: the pointer stays on it", online.current(), version)
+        online.discard(version)
+    return PublishResult(rows, keys, published, retired)
+
+
+def stage(version: str, run_id: str, input_uri: str, bundle: ModelBundle, settings: Settings,
+          ttl_seconds: int | None = None) -> None:
+    """Open the run's Redis version (invisible to readers until `publish`)."""
+    OnlineStore.from_settings(settings).stage(
+        version,
+        {
+            "run_id": run_id,
+            "input": input_uri,
+            "model": bundle.champion,
+            "models": ",".join(m.name for m in bundle.models),
+            "training_run_id": bundle.training_run_id,
+        },
+        ttl_seconds,
+    )
+
+
+class _Clock:
+    """Per-stage wall time, for the benchmark's breakdown."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now

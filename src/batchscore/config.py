@@ -1,0 +1,73 @@
+"""Settings from the environment (and an optional `.env`), per the configuration contract.
+
+Every variable is optional: unset, each service falls back to an embedded default under
+`BATCHSCORE_HOME`, so the same commands run with no services at all.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The whole configuration contract; read once per process with `Settings()`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHSCORE_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    home: Path = Path(".batchscore")
+    store_url: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "predictions"
+    id_column: str | None = None
+
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    aws_region: str | None = Field(None, validation_alias="AWS_DEFAULT_REGION")
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Metaflow runs each step in its own process, possibly from another folder.
+        return home.expanduser().resolve()
+
+    @field_validator("store_url", "database_url", "redis_url", "id_column", "s3_endpoint_url")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @cached_property
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.home / "store").as_uri()
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'metrics.db'}"
+
+    @property
+    def embedded_redis_path(self) -> Path:
+        return self.home / "redis.db"
+
+    def describe(self) -> dict[str, str]:
+        """Where each service lives, credentials masked: safe to print or log."""
+        from sqlalchemy.engine import make_url
+
+        redis = self.redis_url or f"embedded ({self.embedded_redis_path})"
+        if self.redis_url and "@" in self.redis_url:
+            scheme, rest = self.redis_url.split("://", 1)
+            redis = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        return {
+            "store": self.resolved_store_url,
+            "database": make_url(self.resolved_database_url).render_as_string(hide_password=True),
+            "redis": redis,
+            "redis prefix": self.redis_prefix,
+        }

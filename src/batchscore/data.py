@@ -1,0 +1,309 @@
+"""Datasets, table I/O (CSV, Parquet) and the input schema check.
+
+Tables are read in batches so memory follows the batch size, not the table. Every
+problem with an input is an `InputError` naming the file, and the column and data row
+(1-based, header excluded) where one applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from batchscore.config import Settings
+from batchscore.store import ObjectStore, StoreError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("breast_cancer",)
+READ_BLOCK_BYTES = 16 << 20
+
+
+class InputError(ValueError):
+    """The input cannot be used as given; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features (numeric, in training order) and binary labels, 1 = the positive class."""
+
+    name: str
+    features: pd.DataFrame
+    labels: np.ndarray
+    classes: tuple[str, str]  # (negative, positive), as named in the source
+
+    @property
+    def positive_class(self) -> str:
+        return self.classes[1]
+
+
+def load_dataset(
+    source: str,
+    target: str | None = None,
+    positive_class: str | None = None,
+    settings: Settings | None = None,
+) -> Dataset:
+    """The built-in breast-cancer data, or any numeric CSV/Parquet table with a binary label."""
+    if source == "breast_cancer":
+        return _breast_cancer()
+    if not target:
+        raise InputError(f"{source}: a file dataset needs --target, the name of its label column")
+    frame = read_frame(source, settings)
+    if target not in frame.columns:
+        raise InputError(f"{source}: no label column {target!r}; columns: {list(frame.columns)}")
+    labels, classes = _binary_labels(frame[target], source, target, positive_class)
+    features = frame.drop(columns=[target])
+    if features.shape[1] == 0:
+        raise InputError(f"{source}: no feature columns besides the label {target!r}")
+    return Dataset(
+        name=dataset_name(source),
+        features=to_feature_frame(features, list(features.columns), source),
+        labels=labels,
+        classes=classes,
+    )
+
+
+def dataset_name(source: str) -> str:
+    """A short, path-safe name for a dataset: `breast_cancer`, or the file's stem."""
+    if source in BUILTIN_DATASETS:
+        return source
+    stem = Path(urlparse(source).path).name.split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem) or "dataset"
+
+
+def _breast_cancer() -> Dataset:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer(as_frame=True)
+    # scikit-learn codes malignant as 0; the positive class here is malignant (the finding).
+    labels = (bunch.target.to_numpy() == 0).astype(np.int8)
+    return Dataset(
+        name="breast_cancer",
+        features=bunch.data.astype("float64"),
+        labels=labels,
+        classes=("benign", "malignant"),
+    )
+
+
+def _binary_labels(
+    column: pd.Series, source: str, target: str, positive_class: str | None
+) -> tuple[np.ndarray, tuple[str, str]]:
+    missing = column.isna().to_numpy()
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0]) + 1
+        raise InputError(f"{source}: column {target!r}, row {row}: the label is missing")
+    values = column.astype(str)
+    classes = sorted(values.unique(), key=_natural_key)
+    if len(classes) != 2:
+        shown = classes[:10]
+        raise InputError(
+            f"{source}: column {target!r} must hold exactly two classes, found {len(classes)}: "
+            f"{shown}"
+        )
+    if positive_class:
+        if positive_class not in classes:
+            raise InputError(f"{source}: positive class {positive_class!r} not in {classes}")
+        negative = classes[0] if classes[1] == positive_class else classes[1]
+        classes = [negative, positive_class]
+    labels = (values == classes[1]).to_numpy().astype(np.int8)
+    return labels, (classes[0], classes[1])
+
+
+def _natural_key(value: str) -> tuple[int, float | str]:
+    """Numbers sort numerically (so 0/1 puts 1 positive), everything else as text."""
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+# --------------------------------------------------------------------------- table I/O
+
+
+def table_format(name: str, head: bytes = b"") -> str:
+    """`parquet` or `csv`, from the file name or, failing that, the first bytes."""
+    lower = name.lower()
+    if lower.endswith((".parquet", ".pq")):
+        return "parquet"
+    if lower.endswith((".csv", ".csv.gz", ".txt")):
+        return "csv"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    return "csv"
+
+
+@contextmanager
+def local_file(source: str, settings: Settings | None = None) -> Iterator[Path]:
+    """A local, seekable path for a source given as path, file://, s3:// or http(s):// URL."""
+    parsed = urlparse(source)
+    if parsed.scheme == "s3":
+        bucket_root = f"s3://{parsed.netloc}"
+        store = ObjectStore.from_url(bucket_root, settings or Settings())
+        try:
+            with store.local_copy(parsed.path.lstrip("/")) as path:
+                yield path
+        except StoreError as exc:
+            raise InputError(str(exc)) from exc
+        return
+    if parsed.scheme in ("http", "https"):
+        suffix = "".join(Path(parsed.path).suffixes)
+        with tempfile.TemporaryDirectory(prefix="batchscore-") as tmp:
+            path = Path(tmp) / f"download{suffix}"
+            try:
+                urllib.request.urlretrieve(source, path)  # noqa: S310 - the user's own URL
+            except OSError as exc:
+                raise InputError(f"{source}: cannot download: {exc}") from exc
+            yield path
+        return
+    path = Path(parsed.path if parsed.scheme == "file" else source)
+    if not path.is_file():
+        raise InputError(f"{source}: no such file")
+    yield path
+
+
+def iter_frames(
+    source: str,
+    settings: Settings | None = None,
+    batch_rows: int = 100_000,
+    numeric_columns: Sequence[str] = (),
+) -> Iterator[pd.DataFrame]:
+    """The table in DataFrames of at most `batch_rows` rows, whatever its format and place.
+
+    `numeric_columns` are parsed as float64 (correctly rounded, so row keys match any
+    client's); a value that is not a number raises an `InputError` naming column and row.
+    """
+    with local_file(source, settings) as path:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if not head:
+            raise InputError(f"{source}: the file is empty")
+        if table_format(str(path), head) == "parquet":
+            yield from _parquet_frames(path, source, batch_rows)
+        else:
+            yield from _csv_frames(path, source, batch_rows, numeric_columns)
+
+
+def read_frame(source: str, settings: Settings | None = None) -> pd.DataFrame:
+    """The whole table as one DataFrame (for training-sized data)."""
+    frames = list(iter_frames(source, settings))
+    if not frames:
+        raise InputError(f"{source}: the table has a header but no rows")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def _parquet_frames(path: Path, source: str, batch_rows: int) -> Iterator[pd.DataFrame]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{source}: not a readable Parquet file: {exc}") from exc
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        yield batch.to_pandas()
+
+
+_ARROW_CELL_ERROR = re.compile(r"column #(\d+): Row #(\d+): (.*)", re.DOTALL)
+
+
+def _csv_frames(
+    path: Path, source: str, batch_rows: int, numeric_columns: Sequence[str]
+) -> Iterator[pd.DataFrame]:
+    convert = pacsv.ConvertOptions(column_types={c: pa.float64() for c in numeric_columns})
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
+            convert_options=convert,
+        )
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise InputError(f"{source}: the file is empty") from exc
+        raise InputError(f"{source}: not a readable CSV file: {exc}") from exc
+    columns = reader.schema.names
+    pending: list[pd.DataFrame] = []
+    pending_rows = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except pa.ArrowInvalid as exc:
+            raise _csv_cell_error(exc, source, columns) from exc
+        pending.append(batch.to_pandas())
+        pending_rows += batch.num_rows
+        while pending_rows >= batch_rows:
+            frame = pd.concat(pending, ignore_index=True)
+            yield frame.iloc[:batch_rows].reset_index(drop=True)
+            rest = frame.iloc[batch_rows:].reset_index(drop=True)
+            pending, pending_rows = [rest], len(rest)
+    if pending_rows:
+        yield pd.concat(pending, ignore_index=True)
+
+
+def _csv_cell_error(exc: pa.ArrowInvalid, source: str, columns: list[str]) -> InputError:
+    match = _ARROW_CELL_ERROR.search(str(exc))
+    if not match:
+        return InputError(f"{source}: not a readable CSV file: {exc}")
+    column = columns[int(match.group(1))]
+    # Arrow counts the header as row 1 of the file; we count data rows from 1.
+    row = int(match.group(2)) - 1
+    return InputError(f"{source}: column {column!r}, row {row}: {match.group(3).strip()}")
+
+
+# ----------------------------------------------------------------------- schema check
+
+
+def to_feature_frame(
+    frame: pd.DataFrame,
+    feature_columns: Sequence[str],
+    source: str,
+    first_row: int = 1,
+    allowed_extra: Sequence[str] = (),
+) -> pd.DataFrame:
+    """The feature columns, in training order, as finite float64; anything else is an error.
+
+    Columns beyond the features (and `allowed_extra`, such as the id column) are ignored
+    with a warning: a scoring table often carries labels or metadata beside its features.
+    """
+    missing = [c for c in feature_columns if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"{source}: missing feature column(s) {missing}; the model needs "
+            f"{len(feature_columns)} columns: {list(feature_columns)}"
+        )
+    extra = [c for c in frame.columns if c not in feature_columns and c not in allowed_extra]
+    if extra and first_row == 1:
+        log.warning("%s: ignoring column(s) the model does not use: %s", source, extra)
+    features = frame.loc[:, list(feature_columns)]
+    for column in feature_columns:
+        values = features[column]
+        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            numbers = pd.to_numeric(values, errors="coerce")
+            bad = numbers.isna() & values.notna()
+            if bad.any():
+                at = int(np.flatnonzero(bad.to_numpy())[0])
+                raise InputError(
+                    f"{source}: column {column!r}, row {first_row + at}: "
+                    f"{values.iloc[at]!r} is not a number"
+                )
+            features[column] = numbers
+    matrix = features.to_numpy(dtype="float64")
+    finite = np.isfinite(matrix)
+    if not finite.all():
+        row, col = (int(i[0]) for i in np.nonzero(~finite))
+        raise InputError(
+            f"{source}: column {feature_columns[col]!r}, row {first_row + row}: "
+            f"{matrix[row, col]} is not a finite number (rows with NaN or inf are rejected)"
+        )
+    return pd.DataFrame(matrix, columns=list(feature_columns), index=frame.index)

@@ -1,0 +1,57 @@
+"""The row-key contract: any client, in any language, can recompute a row's key.
+
+    row_key = hex(SHA-256(concat over the model's feature columns, in training order,
+                          of each raw value as IEEE-754 float64 little-endian))
+
+-0.0 is keyed as 0.0 (they compare equal, so they must key equal); a row holding NaN or
+an infinity is rejected, never keyed. With an id column, the id is the key instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from batchscore.data import InputError
+
+
+def feature_bytes(features: np.ndarray) -> np.ndarray:
+    """Rows as the exact bytes that get hashed: float64 little-endian, -0.0 made 0.0."""
+    matrix = np.asarray(features, dtype="<f8")
+    if matrix.ndim == 1:
+        matrix = matrix.reshape(1, -1)
+    if not np.isfinite(matrix).all():
+        row, col = (int(i[0]) for i in np.nonzero(~np.isfinite(matrix)))
+        raise InputError(f"row {row + 1}, feature {col + 1}: NaN or inf cannot be keyed")
+    # Adding +0.0 turns -0.0 into +0.0 and leaves every other value as it is.
+    return np.ascontiguousarray(matrix + 0.0, dtype="<f8")
+
+
+def row_keys(features: np.ndarray | pd.DataFrame) -> list[str]:
+    """One hex key per row; the features must already be in training order."""
+    matrix = feature_bytes(np.asarray(features))
+    width = matrix.shape[1] * 8
+    raw = memoryview(matrix.tobytes())
+    sha256 = hashlib.sha256
+    return [sha256(raw[i : i + width]).hexdigest() for i in range(0, len(raw), width)]
+
+
+def row_key(values: Sequence[float]) -> str:
+    """The key of one row of raw feature values, in training order."""
+    return row_keys(np.asarray([values], dtype="float64"))[0]
+
+
+def id_keys(ids: pd.Series, source: str = "input", column: str = "id") -> list[str]:
+    """Keys from an id column: its values as text, each present and free of ':' and spaces."""
+    text = ids.astype("string")
+    bad = text.isna() | (text.str.len() == 0) | text.str.contains(r"[\s:*?\[\]]", regex=True)
+    if bad.any():
+        at = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(
+            f"{source}: column {column!r}, row {at + 1}: id {ids.iloc[at]!r} is empty or holds "
+            "whitespace, ':' or a glob character, so it cannot be a Redis key part"
+        )
+    return text.tolist()

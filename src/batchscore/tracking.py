@@ -1,0 +1,221 @@
+"""Metrics and lineage in SQL (SQLite embedded, PostgreSQL in service mode), via SQLAlchemy.
+
+Writes are idempotent per run (and per model): a retried or resumed step replaces its
+own rows in one transaction instead of adding duplicates. SQL only ever sees bound
+parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+metadata = MetaData()
+
+training_runs = Table(
+    "training_runs",
+    metadata,
+    Column("run_id", String(200), primary_key=True),
+    Column("dataset", String(1000), nullable=False),
+    Column("target", String(200)),
+    Column("negative_class", String(200), nullable=False),
+    Column("positive_class", String(200), nullable=False),
+    Column("feature_columns", JSON, nullable=False),
+    Column("n_train", Integer, nullable=False),
+    Column("n_test", Integer, nullable=False),
+    Column("batch_input_uri", String(1000), nullable=False),
+    Column("champion", String(50)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+model_metrics = Table(
+    "model_metrics",
+    metadata,
+    Column("run_id", ForeignKey("training_runs.run_id"), primary_key=True),
+    Column("model", String(50), primary_key=True),
+    Column("precision", Float, nullable=False),
+    Column("recall", Float, nullable=False),
+    Column("f1", Float, nullable=False),
+    Column("roc_auc", Float, nullable=False),
+    Column("accuracy", Float, nullable=False),
+    Column("cv_score", Float, nullable=False),
+    Column("best_params", JSON, nullable=False),
+    Column("model_uri", String(1000), nullable=False),
+    Column("model_sha256", String(64), nullable=False),
+    Column("is_champion", Boolean, nullable=False, default=False),
+)
+
+batch_runs = Table(
+    "batch_runs",
+    metadata,
+    Column("run_id", String(200), primary_key=True),
+    Column("input_uri", String(1000), nullable=False),
+    Column("training_run_id", String(200), nullable=False),
+    Column("models", JSON, nullable=False),
+    Column("redis_version", String(200), nullable=False),
+    Column("rows_scored", Integer, nullable=False),
+    Column("keys_written", Integer, nullable=False),
+    Column("published", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+class TrackingError(RuntimeError):
+    """The database cannot be reached or holds no record the caller needs."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Where a trained model lives and how to check it: what the batch flow loads."""
+
+    training_run_id: str
+    model: str
+    model_uri: str
+    model_sha256: str
+    feature_columns: list[str]
+    classes: tuple[str, str]  # (negative, positive): label 0 and label 1
+    is_champion: bool
+
+
+class Tracker:
+    """One object per database URL; tables are created on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        with self._transaction() as conn:
+            metadata.create_all(conn)
+
+    def record_training(
+        self,
+        run_id: str,
+        run: dict[str, Any],
+        models: dict[str, dict[str, Any]],
+        champion: str,
+    ) -> None:
+        """Replace this run's rows: the run, one row per model, the champion flagged."""
+        now = datetime.now(UTC)
+        with self._transaction() as conn:
+            conn.execute(delete(model_metrics).where(model_metrics.c.run_id == run_id))
+            conn.execute(delete(training_runs).where(training_runs.c.run_id == run_id))
+            conn.execute(
+                insert(training_runs),
+                [{**run, "run_id": run_id, "champion": champion, "created_at": now}],
+            )
+            conn.execute(
+                insert(model_metrics),
+                [
+                    {**row, "run_id": run_id, "model": name, "is_champion": name == champion}
+                    for name, row in models.items()
+                ],
+            )
+
+    def model_records(self, which: str = "champion") -> list[ModelRecord]:
+        """The latest training run's champion (`champion`) or every model (`all`)."""
+        if which not in ("champion", "all"):
+            raise ValueError(f"models must be 'champion' or 'all', not {which!r}")
+        with self._transaction() as conn:
+            run = conn.execute(
+                select(training_runs)
+                .where(training_runs.c.champion.is_not(None))
+                .order_by(training_runs.c.created_at.desc(), training_runs.c.run_id.desc())
+                .limit(1)
+            ).first()
+            if run is None:
+                raise TrackingError(
+                    "no trained model recorded: run `python metaflow/train_models.py run` first"
+                )
+            query = select(model_metrics).where(model_metrics.c.run_id == run.run_id)
+            if which == "champion":
+                query = query.where(model_metrics.c.is_champion)
+            rows = conn.execute(query.order_by(model_metrics.c.is_champion.desc())).all()
+        return [
+            ModelRecord(
+                training_run_id=run.run_id,
+                model=row.model,
+                model_uri=row.model_uri,
+                model_sha256=row.model_sha256,
+                feature_columns=list(run.feature_columns),
+                classes=(run.negative_class, run.positive_class),
+                is_champion=row.is_champion,
+            )
+            for row in rows
+        ]
+
+    def latest_batch_input(self) -> str:
+        """The test split the latest training run published: the batch flow's default."""
+        with self._transaction() as conn:
+            uri = conn.execute(
+                select(training_runs.c.batch_input_uri)
+                .order_by(training_runs.c.created_at.desc(), training_runs.c.run_id.desc())
+                .limit(1)
+            ).scalar()
+        if uri is None:
+            raise TrackingError("no training run recorded, so no default batch input")
+        return uri
+
+    def metrics(self, run_id: str) -> dict[str, dict[str, Any]]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(model_metrics).where(model_metrics.c.run_id == run_id)
+            ).mappings()
+            return {row["model"]: dict(row) for row in rows}
+
+    def record_batch(self, run_id: str, row: dict[str, Any]) -> None:
+        with self._transaction() as conn:
+            conn.execute(delete(batch_runs).where(batch_runs.c.run_id == run_id))
+            conn.execute(
+                insert(batch_runs),
+                [{**row, "run_id": run_id, "created_at": datetime.now(UTC)}],
+            )
+
+    def mark_published(self, run_id: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                update(batch_runs).where(batch_runs.c.run_id == run_id).values(published=True)
+            )
+
+    def batch_run(self, run_id: str) -> dict[str, Any] | None:
+        with self._transaction() as conn:
+            row = conn.execute(select(batch_runs).where(batch_runs.c.run_id == run_id)).first()
+        return dict(row._mapping) if row else None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise TrackingError(f"database error at {where}: {_short(exc)}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0]
