@@ -7,13 +7,12 @@
 Every step is a few lines; the work lives in `src/batchscore`.
 """
 
-from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
-
 from batchscore.config import Settings
 from batchscore.evaluation import metrics_only
 from batchscore.models import MODEL_NAMES, choose_champion, train_model
 from batchscore.report import card_components, print_mapping, print_metrics
 from batchscore.training import evaluate_all, prepare_data, save_training
+from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 
 class TrainModelsFlow(FlowSpec):
@@ -24,7 +23,9 @@ class TrainModelsFlow(FlowSpec):
     )
     target = Parameter("target", default="", help="label column of a file dataset")
     positive_class = Parameter(
-        "positive_class", default="", help="label value that counts as positive (default: the larger)"
+        "positive_class",
+        default="",
+        help="label value that counts as positive (default: the larger)",
     )
     test_size = Parameter("test_size", default=0.2, type=float, help="share of rows held out")
     random_state = Parameter("random_state", default=42, type=int)
@@ -57,8 +58,11 @@ class TrainModelsFlow(FlowSpec):
     def train_model(self):
         """One branch per model: grid search with cross-validation."""
         self.trained = train_model(
-            self.input, self.data.train_features, self.data.train_labels,
-            self.cv_folds, self.random_state,
+            self.input,
+            self.data.train_features,
+            self.data.train_labels,
+            self.cv_folds,
+            self.random_state,
         )
         self.next(self.join_models)
 
@@ -77,9 +81,11 @@ class TrainModelsFlow(FlowSpec):
         self.metrics = metrics_only(results)
         self.cv_scores = {name: model.cv_score for name, model in self.trained.items()}
         self.champion = choose_champion(self.trained)
-        current.card.extend(card_components(
-            self.metrics, self.cv_scores, self.champion, self.pngs, self.data.classes[1]
-        ))
+        current.card.extend(
+            card_components(
+                self.metrics, self.cv_scores, self.champion, self.pngs, self.data.classes[1]
+            )
+        )
         self.next(self.store_results)
 
     @retry(times=2)
@@ -87,8 +93,14 @@ class TrainModelsFlow(FlowSpec):
     def store_results(self):
         """Models and plots to the store, metrics and the champion to the database."""
         saved = save_training(
-            f"{current.flow_name}/{current.run_id}", self.trained, self.metrics,
-            self.pngs, self.champion, self.data, Settings(), self.target or None,
+            f"{current.flow_name}/{current.run_id}",
+            self.trained,
+            self.metrics,
+            self.pngs,
+            self.champion,
+            self.data,
+            Settings(),
+            self.target or None,
         )
         self.model_uris, self.plot_uris = saved.model_uris, saved.plot_uris
         self.next(self.end)

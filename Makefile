@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make run` (the whole pipeline) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+# Metaflow needs a user name and refuses `root` (containers and CI run as root).
+METAFLOW_USER ?= $(if $(filter-out root,$(shell id -un)),$(shell id -un),batchscore)
+export METAFLOW_USER
+
+# batchscore reads .env itself; Metaflow and boto3 read only the environment, so every
+# command runs with .env exported when there is one (no .env: embedded defaults).
+WITH_ENV := set -a; [ ! -f .env ] || . ./.env; set +a;
+
+.PHONY: install run train score lookup status test lint clean stop-embedded
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: train score lookup
+
+train: install
+	$(WITH_ENV) $(PY) metaflow/train_models.py run
+
+score: install
+	$(WITH_ENV) $(PY) metaflow/batch_processing.py run
+
+status: install
+	$(WITH_ENV) $(PY) -m batchscore status
+
+lookup: status
+	$(WITH_ENV) $(PY) -m batchscore lookup --sample 5
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check src tests metaflow benchmarks
+
+stop-embedded: install
+	$(WITH_ENV) $(PY) -m batchscore stop-embedded
+
+clean: stop-embedded
+	rm -rf .batchscore .metaflow

@@ -1,0 +1,3 @@
+from batchscore.cli import main
+
+raise SystemExit(main())

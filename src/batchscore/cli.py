@@ -1,0 +1,118 @@
+"""`python -m batchscore ...`: look predictions up and check what is live, without Jupyter.
+
+python -m batchscore status
+python -m batchscore lookup 3f2a...            # one or more row keys
+python -m batchscore lookup --csv rows.csv     # raw feature rows: keys computed here
+python -m batchscore lookup --sample 5         # the first rows of the live version's input
+python -m batchscore stop-embedded             # stop the embedded Redis server
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.table import Table
+
+from batchscore.config import Settings
+from batchscore.data import InputError, iter_frames
+from batchscore.embedded_redis import stop_server
+from batchscore.keys import row_keys
+from batchscore.online import OnlineStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m batchscore", description=__doc__.split("\n")[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="the live prediction-set version, its size, model and age")
+    lookup = commands.add_parser("lookup", help="predictions by row key or from raw feature rows")
+    lookup.add_argument("keys", nargs="*", help="row keys (hex SHA-256, or ids)")
+    lookup.add_argument("--csv", help="CSV/Parquet path or URL of raw feature rows")
+    lookup.add_argument("--limit", type=int, default=0, help="only the first N rows of --csv")
+    lookup.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first N rows of the table the live version was scored from",
+    )
+    commands.add_parser("stop-embedded", help="stop the embedded Redis server, if running")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    console = Console(width=140)
+    try:
+        if args.command == "stop-embedded":
+            stopped = stop_server(settings.embedded_redis_path)
+            console.print("embedded Redis stopped" if stopped else "embedded Redis was not running")
+            return 0
+        online = OnlineStore.from_settings(settings)
+        if args.command == "status":
+            return _status(online, console)
+        return _lookup(online, args, settings, console)
+    except (InputError, LookupError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+def _status(online: OnlineStore, console: Console) -> int:
+    status = online.status()
+    if status["current"] is None:
+        console.print("no prediction set published yet: run metaflow/batch_processing.py")
+        return 1
+    table = Table(title="live prediction set", show_header=False)
+    published = datetime.fromtimestamp(status.pop("published_at"), UTC)
+    status["published_at"] = published.isoformat(timespec="seconds")
+    status["age"] = f"{status.pop('age_seconds') / 3600:.1f} h"
+    for key, value in status.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    return 0
+
+
+def _lookup(
+    online: OnlineStore, args: argparse.Namespace, settings: Settings, console: Console
+) -> int:
+    if args.sample:
+        args.csv = online.status().get("input")
+        args.limit = args.sample
+        if not args.csv:
+            raise LookupError("no published version to sample from")
+    if bool(args.keys) == bool(args.csv):
+        raise InputError("give row keys, --csv or --sample: exactly one of them")
+    keys = list(args.keys)
+    if args.csv:
+        columns = online.feature_columns()
+        for frame in iter_frames(args.csv, settings, numeric_columns=columns):
+            if settings.id_column and settings.id_column in frame.columns:
+                keys += frame[settings.id_column].astype(str).tolist()
+            else:
+                keys += row_keys(frame.loc[:, columns].to_numpy(dtype="float64"))
+            if args.limit and len(keys) >= args.limit:
+                keys = keys[: args.limit]
+                break
+    predictions = online.get_many(keys)
+    table = Table(title=f"predictions ({online.current()})")
+    for column in ("row key", "label", "class", "proba", "model"):
+        table.add_column(column)
+    for key, prediction in zip(keys, predictions, strict=True):
+        if prediction is None:
+            table.add_row(key, "-", "not found", "-", "-")
+        else:
+            table.add_row(
+                key,
+                str(prediction["label"]),
+                prediction["class"],
+                f"{prediction['proba']:.4f}",
+                prediction["model"],
+            )
+    console.print(table)
+    found = sum(p is not None for p in predictions)
+    console.print(f"{found} of {len(keys)} found")
+    return 0 if found == len(keys) else 1

