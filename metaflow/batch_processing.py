@@ -13,6 +13,8 @@ from batchscore.online import new_version, ttl_seconds
 from batchscore.report import print_mapping
 from metaflow import FlowSpec, Parameter, current, resources, retry, step, timeout
 
+# Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
+RETRIES = Settings().step_retries
 
 class BatchProcessingFlow(FlowSpec):
     input_path = Parameter(
@@ -31,7 +33,7 @@ class BatchProcessingFlow(FlowSpec):
         self.version = new_version(self.run_pathspec)
         self.next(self.load_model)
 
-    @retry(times=2)
+    @retry(times=RETRIES)
     @step
     def load_model(self):
         """The recorded champion (or all models), checked against its SHA-256 before loading."""
@@ -40,7 +42,7 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.load_data)
 
     @resources(cpu=1, memory=4096)
-    @retry(times=2)
+    @retry(times=RETRIES)
     @step
     def load_data(self):
         """Validate every input row against the model's schema, cut it into shards."""
@@ -64,7 +66,7 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.batch_processing, foreach="shards")
 
     @resources(cpu=2, memory=4096)
-    @retry(times=2)
+    @retry(times=RETRIES)
     @timeout(hours=2)
     @step
     def batch_processing(self):
@@ -79,7 +81,7 @@ class BatchProcessingFlow(FlowSpec):
         )
         self.next(self.ingest_redis)
 
-    @retry(times=2)
+    @retry(times=RETRIES)
     @step
     def ingest_redis(self, inputs):
         """Check every shard's keys landed, then switch readers to the new version."""

@@ -14,6 +14,8 @@ from batchscore.report import card_components, print_mapping, print_metrics
 from batchscore.training import evaluate_all, prepare_data, save_training
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
+# Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
+RETRIES = Settings().step_retries
 
 class TrainModelsFlow(FlowSpec):
     dataset = Parameter(
@@ -37,7 +39,7 @@ class TrainModelsFlow(FlowSpec):
         print_mapping("batchscore services", Settings().describe())
         self.next(self.load_and_prepare_data)
 
-    @retry(times=2)
+    @retry(times=RETRIES)
     @step
     def load_and_prepare_data(self):
         """Load, split, and publish the test split as the batch flow's default input."""
@@ -88,7 +90,7 @@ class TrainModelsFlow(FlowSpec):
         )
         self.next(self.store_results)
 
-    @retry(times=2)
+    @retry(times=RETRIES)
     @step
     def store_results(self):
         """Models and plots to the store, metrics and the champion to the database."""

@@ -88,25 +88,29 @@ def plan_shards(
     store = ObjectStore.from_settings(settings)
     folder = f"batch/{run_id.replace('/', '-')}/shards"
     id_column = settings.id_column
+    extra = [id_column] if id_column else []
     shards: list[str] = []
     rows = 0
-    for frame in iter_frames(input_uri, settings, shard_rows, numeric_columns=feature_columns):
-        extra = [id_column] if id_column else []
-        table = pa.Table.from_pandas(
-            to_feature_frame(frame, feature_columns, input_uri, rows + 1, extra),
-            preserve_index=False,
-        )
-        if id_column and id_column in frame.columns:
-            ids = id_keys(frame[id_column], input_uri, id_column)
-            table = table.append_column(id_column, pa.array(ids, pa.string()))
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        shards.append(
-            store.put_bytes(f"{folder}/part-{len(shards):05d}.parquet", buffer.getvalue())
-        )
-        rows += len(frame)
-    if not rows:
-        raise InputError(f"{input_uri}: the table has a header but no rows")
+    try:
+        for frame in iter_frames(input_uri, settings, shard_rows, numeric_columns=feature_columns):
+            table = pa.Table.from_pandas(
+                to_feature_frame(frame, feature_columns, input_uri, rows + 1, extra),
+                preserve_index=False,
+            )
+            if id_column and id_column in frame.columns:
+                ids = id_keys(frame[id_column], input_uri, id_column, first_row=rows + 1)
+                table = table.append_column(id_column, pa.array(ids, pa.string()))
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer)
+            key = f"{folder}/part-{len(shards):05d}.parquet"
+            shards.append(store.put_bytes(key, buffer.getvalue()))
+            rows += len(frame)
+        if not rows:
+            raise InputError(f"{input_uri}: the table has a header but no rows")
+    except Exception:
+        for shard in shards:  # a rejected input leaves no scratch behind
+            store.delete(shard)
+        raise
     return shards
 
 
@@ -115,6 +119,7 @@ class ShardResult:
     shard: int
     rows_scored: int
     keys_written: int
+    duplicates: int = 0  # rows whose key repeated an earlier row's in the shard: written once
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -147,7 +152,10 @@ def score_shard(
     online = online or OnlineStore.from_settings(settings)
     written = online.write(version, shard, keys, values, ttl_seconds)
     clock.lap("write")
-    return ShardResult(shard, table.num_rows, written, clock.seconds)
+    duplicates = table.num_rows - len(keys)
+    if duplicates:
+        log.warning("shard %s: %d duplicate rows written once", shard, duplicates)
+    return ShardResult(shard, table.num_rows, written, duplicates, clock.seconds)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Every variable is optional: unset, each service falls back to an embedded defaul
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -16,8 +17,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """The whole configuration contract; read once per process with `Settings()`."""
 
+    # env_ignore_empty: a `NAME=` line in `.env` means "unset", not "the empty string"
+    # (an empty BATCHSCORE_HOME would otherwise put everything in the current folder).
     model_config = SettingsConfigDict(
-        env_prefix="BATCHSCORE_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="BATCHSCORE_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
     )
 
     home: Path = Path(".batchscore")
@@ -26,6 +33,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_prefix: str = "predictions"
     id_column: str | None = None
+    # Metaflow @retry count for the I/O steps; fault tests set 0 to fail fast.
+    step_retries: int = Field(2, ge=0, le=4)  # Metaflow allows at most 4
 
     s3_endpoint_url: str | None = Field(
         None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -65,6 +74,8 @@ class Settings(BaseSettings):
         if self.redis_url and "@" in self.redis_url:
             scheme, rest = self.redis_url.split("://", 1)
             redis = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        # redis-py also takes the password as a query parameter: ?password=...
+        redis = re.sub(r"([?&]password=)[^&#]*", r"\1***", redis)
         return {
             "store": self.resolved_store_url,
             "database": make_url(self.resolved_database_url).render_as_string(hide_password=True),

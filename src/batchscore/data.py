@@ -101,7 +101,8 @@ def _breast_cancer() -> Dataset:
 def _binary_labels(
     column: pd.Series, source: str, target: str, positive_class: str | None
 ) -> tuple[np.ndarray, tuple[str, str]]:
-    missing = column.isna().to_numpy()
+    # An empty cell is a missing label too (Arrow reads it as "" in a text column).
+    missing = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
     if missing.any():
         row = int(np.flatnonzero(missing)[0]) + 1
         raise InputError(f"{source}: column {target!r}, row {row}: the label is missing")
@@ -187,10 +188,13 @@ def iter_frames(
     """
     with local_file(source, settings) as path:
         with open(path, "rb") as handle:
-            head = handle.read(4)
+            head = handle.read(4096)
         if not head:
             raise InputError(f"{source}: the file is empty")
-        if table_format(str(path), head) == "parquet":
+        kind = table_format(str(path), head)
+        if kind == "csv" and b"\0" in head and not str(path).endswith(".gz"):
+            raise InputError(f"{source}: not a CSV or Parquet file (binary content)")
+        if kind == "parquet":
             yield from _parquet_frames(path, source, batch_rows)
         else:
             yield from _csv_frames(path, source, batch_rows, numeric_columns)
@@ -229,7 +233,8 @@ def _csv_frames(
     except pa.ArrowInvalid as exc:
         if "Empty CSV file" in str(exc):
             raise InputError(f"{source}: the file is empty") from exc
-        raise InputError(f"{source}: not a readable CSV file: {exc}") from exc
+        located = _locate_bad_number(path, source, numeric_columns)
+        raise (located or InputError(f"{source}: not a readable CSV file: {exc}")) from exc
     columns = reader.schema.names
     pending: list[pd.DataFrame] = []
     pending_rows = 0
@@ -239,7 +244,8 @@ def _csv_frames(
         except StopIteration:
             break
         except pa.ArrowInvalid as exc:
-            raise _csv_cell_error(exc, source, columns) from exc
+            located = _locate_bad_number(path, source, numeric_columns)
+            raise (located or _csv_cell_error(exc, source, columns)) from exc
         pending.append(batch.to_pandas())
         pending_rows += batch.num_rows
         while pending_rows >= batch_rows:
@@ -249,6 +255,67 @@ def _csv_frames(
             pending, pending_rows = [rest], len(rest)
     if pending_rows:
         yield pd.concat(pending, ignore_index=True)
+
+
+def _locate_bad_number(
+    path: Path, source: str, numeric_columns: Sequence[str]
+) -> InputError | None:
+    """The first value of `numeric_columns` that is not a number, with its column and row.
+
+    Arrow's streaming reader names neither the column nor the row of a conversion error,
+    so on that (error-only) path the file is read again with those columns as text.
+    """
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in numeric_columns}, strings_can_be_null=True
+    )
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
+            convert_options=convert,
+        )
+        rows = 0
+        for batch in reader:
+            bad = [
+                (index, name)
+                for name in numeric_columns
+                if name in batch.schema.names
+                for index in [_first_not_number(batch.column(name))]
+                if index is not None
+            ]
+            if bad:
+                index, name = min(bad)
+                value = batch.column(name)[index].as_py()
+                return InputError(
+                    f"{source}: column {name!r}, row {rows + index + 1}: "
+                    f"{value!r} is not a number"
+                )
+            rows += batch.num_rows
+    except (pa.ArrowInvalid, OSError):
+        return None
+    return None
+
+
+def _first_not_number(column: pa.Array) -> int | None:
+    """Index of the first value Arrow cannot parse as float64 (bisection over casts)."""
+
+    def parses(values: pa.Array) -> bool:
+        try:
+            values.cast(pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return False
+        return True
+
+    if parses(column):
+        return None
+    low, high = 0, len(column)  # the first bad index lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if parses(column.slice(low, middle - low)):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _csv_cell_error(exc: pa.ArrowInvalid, source: str, columns: list[str]) -> InputError:

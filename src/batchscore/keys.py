@@ -44,14 +44,16 @@ def row_key(values: Sequence[float]) -> str:
     return row_keys(np.asarray([values], dtype="float64"))[0]
 
 
-def id_keys(ids: pd.Series, source: str = "input", column: str = "id") -> list[str]:
+def id_keys(
+    ids: pd.Series, source: str = "input", column: str = "id", first_row: int = 1
+) -> list[str]:
     """Keys from an id column: its values as text, each present and free of ':' and spaces."""
     text = ids.astype("string")
     bad = text.isna() | (text.str.len() == 0) | text.str.contains(r"[\s:*?\[\]]", regex=True)
     if bad.any():
         at = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(
-            f"{source}: column {column!r}, row {at + 1}: id {ids.iloc[at]!r} is empty or holds "
+            f"{source}: column {column!r}, row {first_row + at}: id {ids.iloc[at]!r} is empty or holds "
             "whitespace, ':' or a glob character, so it cannot be a Redis key part"
         )
     return text.tolist()

@@ -50,12 +50,17 @@ class ObjectStore(ABC):
             return S3Store(f"s3://{parsed.netloc}", settings or Settings()).get_bytes(uri)
         raise StoreError(f"unsupported object URI {uri!r}: use file:// or s3://")
 
+    def _base(self) -> str:
+        root = self.root.rstrip("/")
+        # The filesystem root `file:///` must not collapse to `file:`.
+        return root + "//" if root.endswith(":") else root
+
     def uri(self, key: str) -> str:
-        return f"{self.root.rstrip('/')}/{key.lstrip('/')}"
+        return f"{self._base()}/{key.lstrip('/')}"
 
     def key_of(self, uri: str) -> str:
         """The key of a URI inside this store (a bare key passes through)."""
-        prefix = self.root.rstrip("/") + "/"
+        prefix = self._base() + "/"
         if "://" not in uri:
             return uri.lstrip("/")
         if not uri.startswith(prefix):
@@ -73,6 +78,9 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def exists(self, key_or_uri: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key_or_uri: str) -> None: ...
 
     @abstractmethod
     def local_copy(self, key_or_uri: str) -> AbstractContextManager[Path]:
@@ -114,6 +122,9 @@ class LocalStore(ObjectStore):
 
     def exists(self, key_or_uri: str) -> bool:
         return self._path(key_or_uri).is_file()
+
+    def delete(self, key_or_uri: str) -> None:
+        self._path(key_or_uri).unlink(missing_ok=True)
 
     @contextmanager
     def local_copy(self, key_or_uri: str) -> Iterator[Path]:
@@ -170,6 +181,12 @@ class S3Store(ObjectStore):
                 return False
             raise self._error("check", key_or_uri, exc) from exc
         return True
+
+    def delete(self, key_or_uri: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key_or_uri))
+        except Exception as exc:
+            raise self._error("delete", key_or_uri, exc) from exc
 
     @contextmanager
     def local_copy(self, key_or_uri: str) -> Iterator[Path]:

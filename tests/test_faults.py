@@ -1,0 +1,225 @@
+"""Faults injected against the real services, through a proxy the tests can cut.
+
+The shared PostgreSQL and Redis are never stopped: a `TcpProxy` between client and
+server plays the dying server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import redis
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy, closed_port
+
+from batchscore.online import OnlineStore, PublishError, connect, new_version
+from batchscore.store import ObjectStore, StoreError
+from batchscore.tracking import batch_runs, model_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "faults"
+
+
+def publish_rows(store: OnlineStore, version: str, n: int, tag: str, shards: int = 1) -> None:
+    store.stage(version, {"model": tag})
+    per_shard = n // shards
+    for shard in range(shards):
+        keys = [f"row{i}" for i in range(shard * per_shard, (shard + 1) * per_shard)]
+        store.write(version, shard, keys, [f'{{"tag":"{tag}","i":{i}}}' for i in range(len(keys))])
+    assert store.publish(version, per_shard * shards, shards)
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str):
+    parsed = urlparse(redis_url)
+    proxy = TcpProxy(parsed.hostname, parsed.port or 6379)
+    yield proxy, proxy.url("redis", parsed.path)
+    proxy.close()
+
+
+def online_at(url: str, settings_for) -> OnlineStore:
+    return OnlineStore(connect(settings_for({"BATCHSCORE_REDIS_URL": url})), PREFIX)
+
+
+@pytest.mark.services
+def test_redis_dying_mid_publish_keeps_the_previous_version(
+    redis_client, redis_proxy, settings_for
+):
+    direct = OnlineStore(redis_client, PREFIX)
+    v1 = new_version("run-1", datetime.now(UTC) - timedelta(minutes=2))
+    publish_rows(direct, v1, 1_000, "v1")
+
+    proxy, url = redis_proxy
+    through = online_at(url, settings_for)
+    v2 = new_version("run-2", datetime.now(UTC) - timedelta(minutes=1))
+    through.stage(v2, {"model": "v2"})
+    proxy.fail_after(50_000)  # the server "dies" partway through the shard and stays down
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        through.write(v2, 0, [f"row{i}" for i in range(5_000)], ["{}"] * 5_000)
+    assert time.monotonic() - started < 30, "retries must be bounded"
+    with pytest.raises(redis.ConnectionError):
+        through.publish(v2, 5_000, 1)
+
+    # Readers still see v1, complete and unchanged.
+    assert direct.current() == v1
+    values = direct.get_many([f"row{i}" for i in range(1_000)])
+    assert [v["i"] for v in values] == list(range(1_000))
+    assert {v["tag"] for v in values} == {"v1"}
+
+    # Back up: a rerun publishes cleanly and the half-written version is retired.
+    proxy.restore()
+    v3 = new_version("run-3")
+    publish_rows(through, v3, 1_000, "v3")
+    assert direct.current() == v3
+    through.retire()
+    assert not list(redis_client.scan_iter(match=f"{PREFIX}:{v2}:*"))
+    assert not redis_client.exists(f"{PREFIX}:manifest:{v2}")
+
+
+@pytest.mark.services
+def test_a_dropped_connection_is_retried_and_every_key_lands(
+    redis_client, redis_proxy, settings_for
+):
+    proxy, url = redis_proxy
+    through = online_at(url, settings_for)
+    version = new_version("run-1")
+    through.stage(version, {"model": "m"})
+    proxy.fail_after(30_000)
+    threading.Timer(0.3, proxy.restore).start()  # a blip, not an outage
+    keys = [f"row{i}" for i in range(5_000)]
+    assert through.write(version, 0, keys, [f'{{"i":{i}}}' for i in range(5_000)]) == 5_000
+    assert through.publish(version, 5_000, 1)
+    assert [v["i"] for v in through.get_many(keys)] == list(range(5_000))
+
+
+@pytest.mark.services
+def test_an_incomplete_version_is_never_published(redis_client):
+    store = OnlineStore(redis_client, PREFIX)
+    v1 = new_version("run-1", datetime.now(UTC) - timedelta(minutes=1))
+    publish_rows(store, v1, 100, "v1")
+    v2 = new_version("run-2")
+    store.stage(v2, {"model": "v2"})
+    store.write(v2, 0, ["row1"], ["{}"])  # shard 1 of 2 never arrives
+    with pytest.raises(PublishError, match="INCOMPLETE"):
+        store.publish(v2, 2, 2)
+    assert store.current() == v1
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("newer_first", [True, False])
+def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, settings_for, newer_first):
+    older = new_version("run-old", datetime.now(UTC) - timedelta(seconds=5))
+    newer = new_version("run-new")
+    order = [newer, older] if newer_first else [older, newer]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def run(version: str) -> None:
+        try:
+            store = online_at(redis_url, settings_for)
+            store.stage(version, {"model": version})
+            barrier.wait()
+            for shard in range(4):
+                keys = [f"row{i}" for i in range(shard * 500, (shard + 1) * 500)]
+                store.write(version, shard, keys, [f'"{version}"'] * 500)
+            store.publish(version, 2_000, 4)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in order]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    store = online_at(redis_url, settings_for)
+    assert store.current() == newer
+    assert set(store.get_many([f"row{i}" for i in range(2_000)])) == {newer}
+
+
+def test_unreachable_s3_endpoint_names_the_object(settings_for):
+    settings = settings_for(
+        {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{closed_port()}",
+            "BATCHSCORE_STORE_URL": "s3://batch",
+        }
+    )
+    store = ObjectStore.from_settings(settings)
+    with pytest.raises(StoreError, match="s3://batch/models/run/svc.joblib"):
+        store.get_bytes("models/run/svc.joblib")
+
+
+@pytest.mark.services
+def test_missing_s3_object_names_the_object(s3_env, settings_for):
+    settings = settings_for(s3_env)
+    store = ObjectStore.from_settings(settings)
+    with pytest.raises(StoreError, match=f"{settings.store_url}/nothing/here.csv"):
+        store.get_bytes("nothing/here.csv")
+
+
+# --------------------------------------------------------- PostgreSQL and resume
+
+
+def run_flow(flow_file: str, env: dict[str, str], cwd: Path, method: str = "run", **params):
+    from metaflow import Runner
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    runner = Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd))
+    with getattr(runner, method)(**params) as running:
+        return running.status, running.run, running.stdout + running.stderr
+
+
+@pytest.fixture
+def postgres_proxy(postgres_url: str):
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy.close()
+
+
+@pytest.mark.services
+@pytest.mark.flows
+def test_postgres_down_at_store_results_then_resume(
+    embedded_env, postgres_url, postgres_proxy, tmp_path
+):
+    proxy, url = postgres_proxy
+    env = {**embedded_env, "BATCHSCORE_DATABASE_URL": url, "BATCHSCORE_STEP_RETRIES": "0"}
+    proxy.cut()
+    status, run, output = run_flow("train_models.py", env, tmp_path / "w", cv_folds=2)
+    assert status == "failed"
+    assert "TrackingError: database error at postgresql" in output
+    assert "store_results" in output
+    assert not run["store_results"].task.successful
+
+    proxy.restore()
+    status, resumed, output = run_flow(
+        "train_models.py", env, tmp_path / "w", method="resume", origin_run_id=run.id
+    )
+    assert status == "successful", output
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(model_metrics)).scalar() == 5
+    engine.dispose()
+
+    # The same outage at the batch flow's model lookup, then resume.
+    proxy.cut()
+    status, run, output = run_flow("batch_processing.py", env, tmp_path / "w")
+    assert status == "failed"
+    assert "TrackingError: database error at postgresql" in output
+    proxy.restore()
+    status, resumed, output = run_flow(
+        "batch_processing.py", env, tmp_path / "w", method="resume", origin_run_id=run.id
+    )
+    assert status == "successful", output
+    assert resumed.data.keys_written == 114
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(batch_runs.c.published)).scalar() is True
+    engine.dispose()
