@@ -53,7 +53,7 @@ def id_keys(
     if bad.any():
         at = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(
-            f"{source}: column {column!r}, row {first_row + at}: id {ids.iloc[at]!r} is empty or holds "
-            "whitespace, ':' or a glob character, so it cannot be a Redis key part"
+            f"{source}: column {column!r}, row {first_row + at}: id {ids.iloc[at]!r} is empty "
+            "or holds whitespace, ':' or a glob character, so it cannot be a Redis key part"
         )
     return text.tolist()
