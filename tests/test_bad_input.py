@@ -1,0 +1,177 @@
+"""Bad input: a clear error naming file, column and row; nothing published is touched."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batchscore.batch import ModelBundle, plan_shards, score_shard
+from batchscore.data import InputError, load_dataset
+from batchscore.online import OnlineStore
+from batchscore.scoring import LoadedModel
+from batchscore.store import ObjectStore
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES = ["a", "b", "c"]
+
+
+def good_frame(rows: int = 5) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(rng.normal(size=(rows, 3)), columns=FEATURES)
+
+
+def write_csv(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "missing column": ("a,b\n1,2\n", r"missing feature column\(s\) \['c'\]"),
+    "non-numeric value": ("a,b,c\n1,2,3\n4,five,6\n", r"column 'b', row 2: .*five"),
+    "NaN": ("a,b,c\n1,2,3\n4,5,6\n7,,9\n", r"column 'b', row 3: nan is not a finite number"),
+    "infinity": ("a,b,c\n1,inf,3\n", r"column 'b', row 1: inf is not a finite number"),
+    "empty file": ("", r"the file is empty"),
+    "header only": ("a,b,c\n", r"header but no rows"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_csv_is_rejected_naming_file_column_and_row(case, tmp_path, settings_for):
+    text, message = CASES[case]
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    source = write_csv(tmp_path / "input.csv", text)
+    with pytest.raises(InputError, match=message) as error:
+        plan_shards(source, FEATURES, 2, "Flow/1", settings)
+    assert str(tmp_path / "input.csv") in str(error.value)
+    # No scratch shards left behind.
+    assert not list((tmp_path / "home").rglob("*.parquet"))
+
+
+def test_error_in_a_late_shard_names_the_absolute_row(tmp_path, settings_for):
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    frame = good_frame(10)
+    frame.loc[7, "c"] = np.nan
+    source = tmp_path / "late.csv"
+    frame.to_csv(source, index=False)
+    with pytest.raises(InputError, match=r"column 'c', row 8"):
+        plan_shards(str(source), FEATURES, 3, "Flow/1", settings)
+    assert not list((tmp_path / "home").rglob("*.parquet"))
+
+
+def test_missing_file_and_missing_bucket_are_named(tmp_path, settings_for, s3_env):
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home"), **s3_env})
+    with pytest.raises(InputError, match="nope.csv: no such file"):
+        plan_shards(str(tmp_path / "nope.csv"), FEATURES, 2, "Flow/1", settings)
+    with pytest.raises(InputError, match="s3://no-such-bucket/rows.csv"):
+        plan_shards("s3://no-such-bucket/rows.csv", FEATURES, 2, "Flow/1", settings)
+
+
+def test_a_file_that_is_not_a_table_is_named(tmp_path, settings_for):
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    binary = tmp_path / "image.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(100))
+    with pytest.raises(InputError, match="image.png: not a CSV or Parquet file"):
+        plan_shards(str(binary), FEATURES, 2, "Flow/1", settings)
+    fake_parquet = tmp_path / "rows.parquet"
+    fake_parquet.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(InputError, match="rows.parquet: not a readable Parquet file"):
+        plan_shards(str(fake_parquet), FEATURES, 2, "Flow/1", settings)
+
+
+def test_reordered_and_extra_columns_key_and_predict_like_the_original(
+    tmp_path, settings_for, redis_client
+):
+    from sklearn.linear_model import LogisticRegression
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    frame = good_frame(40)
+    labels = (frame["a"] > 0).astype(int)
+    model = LoadedModel("logreg", LogisticRegression().fit(frame, labels), "0" * 64)
+    bundle = ModelBundle("Train/1", [model], FEATURES, ("no", "yes"))
+    online = OnlineStore(redis_client, "bad")
+
+    original = tmp_path / "original.parquet"
+    frame.to_parquet(original)
+    shuffled = tmp_path / "shuffled.csv"
+    frame[["c", "a", "b"]].assign(comment="ignored").to_csv(shuffled, index=False)
+
+    values = {}
+    for name, source in {"original": original, "shuffled": shuffled}.items():
+        version = f"v-{name}"
+        shards = plan_shards(str(source), FEATURES, 100, f"Flow/{name}", settings)
+        result = score_shard(0, shards[0], bundle, version, settings, online=online)
+        assert result.keys_written == 40
+        values[name] = sorted(
+            (k.decode().rsplit(":", 1)[1], v)
+            for k in redis_client.scan_iter(match=f"bad:{version}:*")
+            for v in [redis_client.get(k)]
+        )
+    assert values["original"] == values["shuffled"]
+
+
+def test_duplicate_rows_are_written_once_and_counted(tmp_path, settings_for, redis_client):
+    from sklearn.dummy import DummyClassifier
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    frame = pd.concat([good_frame(5), good_frame(5).iloc[:2]], ignore_index=True)
+    model = LoadedModel("dummy", DummyClassifier().fit(frame, [0, 1] * 3 + [0]), "0" * 64)
+    bundle = ModelBundle("Train/1", [model], FEATURES, ("no", "yes"))
+    source = tmp_path / "dupes.csv"
+    frame.to_csv(source, index=False)
+    shards = plan_shards(str(source), FEATURES, 100, "Flow/1", settings)
+    result = score_shard(
+        0, shards[0], bundle, "v1", settings, online=OnlineStore(redis_client, "dup")
+    )
+    assert (result.rows_scored, result.keys_written, result.duplicates) == (7, 5, 2)
+    assert len(list(redis_client.scan_iter(match="dup:v1:*"))) == 5
+
+
+def test_training_label_that_is_not_binary_is_rejected(tmp_path):
+    frame = good_frame(9).assign(label=[0, 1, 2] * 3)
+    source = tmp_path / "three.csv"
+    frame.to_csv(source, index=False)
+    with pytest.raises(InputError, match=r"three.csv: column 'label' must hold exactly two"):
+        load_dataset(str(source), "label")
+
+
+@pytest.mark.flows
+def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
+    embedded_env, tmp_path, settings_for
+):
+    from sqlalchemy import create_engine, func, select
+
+    from batchscore.tracking import batch_runs
+    from metaflow import Runner
+
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def run(flow: str, **params):
+        with Runner(str(ROOT / "metaflow" / flow), env=embedded_env, cwd=str(work)).run(
+            **params
+        ) as running:
+            return running.status, running.stdout + running.stderr
+
+    assert run("train_models.py", cv_folds=2)[0] == "successful"
+    assert run("batch_processing.py")[0] == "successful"
+    settings = settings_for(embedded_env)
+    online = OnlineStore.from_settings(settings)
+    live = online.current()
+    store = ObjectStore.from_settings(settings)
+    published = pd.read_csv(io.BytesIO(store.get_bytes("data/breast_cancer.csv")))
+    bad = tmp_path / "bad.csv"
+    published.drop(columns=["mean radius"]).to_csv(bad, index=False)
+
+    status, output = run("batch_processing.py", input_path=str(bad))
+    assert status == "failed"
+    assert "missing feature column(s) ['mean radius']" in output
+    assert online.current() == live
+    assert online.status()["keys"] == len(published)
+    engine = create_engine(settings.resolved_database_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(batch_runs)).scalar() == 1
+    engine.dispose()
