@@ -29,17 +29,22 @@ RUNNER_DOCKERFILE = ROOT / "dockerfiles" / "runner.Dockerfile"
 DOCKERFILES = sorted((ROOT / "dockerfiles").rglob("*Dockerfile*"))
 
 # Every variable the library and the flows read (ARCHITECTURE.md, configuration contract).
+def _settings_variables() -> tuple[str, ...]:
+    """Every variable batchscore.config.Settings reads, so a new setting cannot be forgotten."""
+    from batchscore.config import Settings
+
+    names = []
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if alias is None:
+            names.append(f"BATCHSCORE_{name.upper()}")
+        else:
+            names.append(alias if isinstance(alias, str) else alias.choices[0])
+    return tuple(names)
+
+
 LIBRARY_VARIABLES = (
-    "BATCHSCORE_HOME",
-    "BATCHSCORE_STORE_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "BATCHSCORE_DATABASE_URL",
-    "BATCHSCORE_REDIS_URL",
-    "BATCHSCORE_REDIS_PREFIX",
-    "BATCHSCORE_ID_COLUMN",
+    *_settings_variables(),
     "METAFLOW_USER",
     "METAFLOW_DEFAULT_DATASTORE",
     "METAFLOW_DATASTORE_SYSROOT_S3",
