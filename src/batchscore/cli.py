@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
 from batchscore.config import Settings
-from batchscore.data import InputError, iter_frames
+from batchscore.data import InputError, iter_frames, to_feature_frame
 from batchscore.embedded_redis import stop_server
 from batchscore.keys import row_keys
 from batchscore.online import OnlineStore
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(online, console)
         return _lookup(online, args, settings, console)
-    except (InputError, LookupError) as exc:
+    except (InputError, LookupError, RedisError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
 
@@ -89,11 +90,15 @@ def _lookup(
     keys = list(args.keys)
     if args.csv:
         columns = online.feature_columns()
+        rows = 0
         for frame in iter_frames(args.csv, settings, numeric_columns=columns):
             if settings.id_column and settings.id_column in frame.columns:
                 keys += frame[settings.id_column].astype(str).tolist()
             else:
-                keys += row_keys(frame.loc[:, columns].to_numpy(dtype="float64"))
+                # The same schema check as the batch flow: names a missing column, a bad cell.
+                features = to_feature_frame(frame, columns, args.csv, rows + 1)
+                keys += row_keys(features.to_numpy())
+            rows += len(frame)
             if args.limit and len(keys) >= args.limit:
                 keys = keys[: args.limit]
                 break

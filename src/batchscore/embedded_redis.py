@@ -11,18 +11,29 @@ every step and every later lookup talks to the same data.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 START_TIMEOUT_SECONDS = 20.0
 
 
+# A Unix socket path holds at most 107 bytes on Linux, 103 on macOS.
+SOCKET_PATH_MAX = 100
+
+
 def _paths(db_path: Path) -> tuple[Path, Path, Path]:
     home = db_path.parent
-    return home / "redis.sock", home / "redis.pid", home / "redis.lock"
+    socket = home / "redis.sock"
+    if len(os.fsencode(socket)) > SOCKET_PATH_MAX:
+        # A deep BATCHSCORE_HOME: its socket lives in a short, private, per-home folder.
+        digest = hashlib.sha256(os.fsencode(home.absolute())).hexdigest()[:16]
+        socket = Path(tempfile.gettempdir()) / f"batchscore-{os.getuid()}-{digest}" / "redis.sock"
+    return socket, home / "redis.pid", home / "redis.lock"
 
 
 def _running_pid(pidfile: Path) -> int | None:
@@ -44,6 +55,10 @@ def ensure_server(db_path: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _running_pid(pidfile) and socket.exists():
             return socket
+        if socket.parent != db_path.parent:
+            socket.parent.mkdir(mode=0o700, exist_ok=True)
+            if socket.parent.stat().st_uid != os.getuid():
+                raise RuntimeError(f"{socket.parent} belongs to another user")
         socket.unlink(missing_ok=True)
         subprocess.run(
             [

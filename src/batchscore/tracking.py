@@ -8,9 +8,10 @@ parameters.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -32,7 +33,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 metadata = MetaData()
 
@@ -106,6 +108,7 @@ class Tracker:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        _make_sqlite_folder(url)
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
         with self._transaction() as conn:
             metadata.create_all(conn)
@@ -215,6 +218,21 @@ class Tracker:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _make_sqlite_folder(url: str) -> None:
+    """SQLite creates the database file but not its folder (a fresh BATCHSCORE_HOME)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # create_engine reports it
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return
+    if not database.startswith("file:"):
+        # On failure, SQLite's own error (raised as a TrackingError) says more.
+        with suppress(OSError):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _short(exc: Exception) -> str:
