@@ -10,6 +10,7 @@ python -m batchscore stop-embedded             # stop the embedded Redis server
 from __future__ import annotations
 
 import argparse
+import math
 from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
@@ -66,6 +67,12 @@ def _status(online: OnlineStore, console: Console) -> int:
     status = online.status()
     if status["current"] is None:
         console.print("no prediction set published yet: run metaflow/batch_processing.py")
+        return 1
+    if math.isnan(status["published_at"]):  # its manifest (and keys) outlived their TTL
+        console.print(
+            f"the live prediction set {status['current']} has expired (ttl_days): "
+            "run metaflow/batch_processing.py again"
+        )
         return 1
     table = Table(title="live prediction set", show_header=False)
     published = datetime.fromtimestamp(status.pop("published_at"), UTC)

@@ -108,7 +108,9 @@ class LocalStore(ObjectStore):
     def put_file(self, key: str, path: Path) -> str:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
+        # A unique temporary name: concurrent writers of one key must not share it.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)
         return self.uri(key)

@@ -1,0 +1,236 @@
+"""`python -m batchscore status|lookup` in a subprocess, against a version published here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batchscore.keys import row_keys
+from batchscore.online import OnlineStore, new_version
+
+COLUMNS = ["mean radius", "mean texture", "mean perimeter"]
+ROWS = pd.DataFrame(
+    [[17.99, 10.38, 122.8], [13.54, 14.36, 87.46], [1.0, 2.0, 3.0]], columns=COLUMNS
+)
+LABELS = [1, 0, 1]
+CLASSES = ("benign", "malignant")
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    # No developer `.env` may leak in: run from an empty folder with an explicit environment.
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")
+    } | env
+    return subprocess.run(
+        [sys.executable, "-m", "batchscore", *args],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _row(output: str, first_cell: str) -> list[str]:
+    """The cells of the table row whose first cell is `first_cell`."""
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{output}")
+
+
+@pytest.fixture
+def cli_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "BATCHSCORE_REDIS_URL": redis_url,
+        "BATCHSCORE_REDIS_PREFIX": "clitest",
+        "BATCHSCORE_HOME": str(tmp_path / "home"),
+    }
+
+
+@pytest.fixture
+def published(redis_client) -> tuple[str, list[str]]:
+    """A small version, staged the way batch.stage does it (feature_columns as a JSON list)."""
+    online = OnlineStore(redis_client, prefix="clitest")
+    version = new_version("BatchProcessingFlow/42", datetime(2024, 5, 1, tzinfo=UTC))
+    online.stage(
+        version,
+        {
+            "run_id": "BatchProcessingFlow/42",
+            "input": "file:///store/data/breast_cancer.csv",
+            "model": "svc",
+            "models": "svc",
+            "training_run_id": "TrainModelsFlow/7",
+            "feature_columns": COLUMNS,
+            "classes": list(CLASSES),
+        },
+    )
+    keys = row_keys(ROWS.to_numpy())
+    values = [
+        json.dumps({"label": lab, "class": CLASSES[lab], "proba": 0.9 if lab else 0.1,
+                    "model": "svc", "model_version": "abcdef012345"})
+        for lab in LABELS
+    ]
+    online.write(version, 0, keys, values)
+    assert online.publish(version, len(keys), 1)
+    return version, keys
+
+
+def test_status_shows_the_live_version(published, cli_env, tmp_path):
+    version, keys = published
+    result = _cli(["status"], cli_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert version in result.stdout
+    assert "svc" in result.stdout
+    assert "TrainModelsFlow/7" in result.stdout
+    assert _row(result.stdout, "keys") == ["keys", "3"]
+    assert _row(result.stdout, "model") == ["model", "svc"]
+
+
+def test_status_without_a_version(cli_env, tmp_path, redis_url):
+    result = _cli(["status"], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert "no prediction set published yet" in result.stdout
+
+
+def test_lookup_by_key_prints_the_prediction(published, cli_env, tmp_path):
+    _, keys = published
+    result = _cli(["lookup", keys[0], keys[1]], cli_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert keys[0] in result.stdout
+    assert keys[1] in result.stdout
+    assert _row(result.stdout, keys[0]) == [keys[0], "1", "malignant", "0.9000", "svc"]
+    assert _row(result.stdout, keys[1]) == [keys[1], "0", "benign", "0.1000", "svc"]
+    assert "2 of 2 found" in result.stdout
+
+
+def test_lookup_missing_key_exits_1(published, cli_env, tmp_path):
+    _, keys = published
+    absent = "0" * 64
+    result = _cli(["lookup", keys[0], absent], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert _row(result.stdout, absent) == [absent, "-", "not found", "-", "-"]
+    assert "1 of 2 found" in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_lookup_raw_rows_from_a_file(published, cli_env, tmp_path, suffix):
+    _, keys = published
+    # Columns in another order, plus a column the model does not use.
+    table = ROWS[["mean perimeter", "mean radius", "mean texture"]].assign(note="x")
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".csv":
+        table.to_csv(path, index=False)
+    else:
+        table.to_parquet(path, index=False)
+    result = _cli(["lookup", "--csv", str(path)], cli_env, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for key in keys:
+        assert key in result.stdout
+    assert "3 of 3 found" in result.stdout
+
+    limited = _cli(["lookup", "--csv", str(path), "--limit", "1"], cli_env, tmp_path)
+    assert limited.returncode == 0
+    assert "1 of 1 found" in limited.stdout
+
+
+def test_lookup_unknown_raw_row_exits_1(published, cli_env, tmp_path):
+    path = tmp_path / "rows.csv"
+    pd.DataFrame([[5.0, 5.0, 5.0]], columns=COLUMNS).to_csv(path, index=False)
+    result = _cli(["lookup", "--csv", str(path)], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert "not found" in result.stdout
+    assert "0 of 1 found" in result.stdout
+
+
+def test_lookup_file_missing_a_feature_column_is_a_clear_error(published, cli_env, tmp_path):
+    path = tmp_path / "rows.csv"
+    ROWS.drop(columns=["mean texture"]).to_csv(path, index=False)
+    result = _cli(["lookup", "--csv", str(path)], cli_env, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "missing feature column(s) ['mean texture']" in result.stdout
+
+
+def test_lookup_bad_value_names_column_and_row(published, cli_env, tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("mean radius,mean texture,mean perimeter\n1,2,3\n4,five,6\n")
+    result = _cli(["lookup", "--csv", str(path)], cli_env, tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "'mean texture', row 2" in result.stdout
+
+
+def test_lookup_needs_keys_or_a_file(published, cli_env, tmp_path):
+    result = _cli(["lookup"], cli_env, tmp_path)
+    assert result.returncode == 2
+    assert "error" in result.stdout
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path):
+    env = {"BATCHSCORE_REDIS_URL": "redis://:s3cret-pw@127.0.0.1:1/0",
+           "BATCHSCORE_HOME": str(tmp_path / "home")}
+    result = _cli(["status"], env, tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "error" in result.stdout
+    assert "127.0.0.1:1" in result.stdout
+
+
+def test_status_after_the_live_version_expired(redis_client, cli_env, tmp_path):
+    # ttl_days elapsed and no newer run: the pointer remains, its keys and manifest are gone.
+    online = OnlineStore(redis_client, prefix="clitest")
+    version = new_version("BatchProcessingFlow/1")
+    online.stage(version, {"model": "svc", "feature_columns": COLUMNS}, ttl_seconds=60)
+    online.write(version, 0, ["k"], ["{}"], ttl_seconds=60)
+    assert online.publish(version, 1, 1)
+    redis_client.delete(online.manifest(version), online.key(version, "k"))  # what TTL does
+    result = _cli(["status"], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "expired" in result.stdout
+    assert version in result.stdout
+
+
+def test_lookup_sample_reads_the_live_input(published, redis_client, cli_env, tmp_path):
+    version, keys = published
+    path = tmp_path / "input.csv"
+    ROWS.to_csv(path, index=False)
+    redis_client.hset(f"clitest:manifest:{version}", "input", str(path))
+    result = _cli(["lookup", "--sample", "2"], cli_env, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 of 2 found" in result.stdout
+    assert _row(result.stdout, keys[1])[2] == "benign"
+
+
+def test_stop_embedded_without_a_server(cli_env, tmp_path):
+    env = {k: v for k, v in cli_env.items() if k != "BATCHSCORE_REDIS_URL"}
+    result = _cli(["stop-embedded"], env, tmp_path)
+    assert result.returncode == 0
+    assert "not running" in result.stdout
+
+
+def test_embedded_mode_shares_one_server_with_the_cli(home, settings_for, tmp_path):
+    # No BATCHSCORE_REDIS_URL: the writer and the CLI meet on the embedded Redis of the home.
+    settings = settings_for({"BATCHSCORE_HOME": str(home)})
+    online = OnlineStore.from_settings(settings)
+    version = new_version("BatchProcessingFlow/9")
+    online.stage(version, {"model": "knn", "feature_columns": COLUMNS})
+    keys = row_keys(ROWS.to_numpy())
+    online.write(version, 0, keys, [json.dumps({"label": 1, "class": "malignant", "proba": 0.7,
+                                                "model": "knn"})] * 3)
+    assert online.publish(version, 3, 1)
+    online.client.close()
+
+    result = _cli(["lookup", keys[2]], {"BATCHSCORE_HOME": str(home)}, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _row(result.stdout, keys[2])[1:] == ["1", "malignant", "0.7000", "knn"]

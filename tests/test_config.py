@@ -1,0 +1,147 @@
+"""Settings: embedded defaults under BATCHSCORE_HOME, service URLs, masked description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchscore.config import Settings
+
+
+def test_defaults_resolve_under_an_absolute_home(settings_for, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = settings_for({})
+    home = (tmp_path / ".batchscore").resolve()
+    assert settings.home == home
+    assert settings.home.is_absolute()
+    assert settings.resolved_store_url == home.joinpath("store").as_uri()
+    assert settings.resolved_store_url.startswith("file:///")
+    assert settings.resolved_database_url == f"sqlite:///{home / 'metrics.db'}"
+    # An absolute SQLite path needs four slashes: sqlite:////tmp/...
+    assert settings.resolved_database_url.startswith("sqlite:////")
+    assert settings.embedded_redis_path == home / "redis.db"
+    assert settings.redis_url is None
+    assert settings.redis_prefix == "predictions"
+    assert settings.id_column is None
+
+
+def test_relative_home_is_made_absolute(settings_for, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = settings_for({"BATCHSCORE_HOME": "sub/dir"})
+    assert settings.home == (tmp_path / "sub" / "dir").resolve()
+    assert settings.resolved_store_url == (tmp_path / "sub" / "dir" / "store").resolve().as_uri()
+
+
+def test_explicit_urls_win_over_defaults(settings_for, tmp_path):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path),
+            "BATCHSCORE_STORE_URL": "s3://batch",
+            "BATCHSCORE_DATABASE_URL": "postgresql+psycopg2://u:pw@db:5432/metrics",
+            "BATCHSCORE_REDIS_URL": "redis://localhost:6379/0",
+            "BATCHSCORE_REDIS_PREFIX": "scores",
+            "BATCHSCORE_ID_COLUMN": "customer_id",
+        }
+    )
+    assert settings.resolved_store_url == "s3://batch"
+    assert settings.resolved_database_url == "postgresql+psycopg2://u:pw@db:5432/metrics"
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.redis_prefix == "scores"
+    assert settings.id_column == "customer_id"
+
+
+def test_empty_values_mean_unset(settings_for, tmp_path, monkeypatch):
+    # `.env` files often carry `NAME=` lines: an empty value must give the default.
+    monkeypatch.chdir(tmp_path)
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": "",
+            "BATCHSCORE_STORE_URL": "",
+            "BATCHSCORE_DATABASE_URL": "",
+            "BATCHSCORE_REDIS_URL": "",
+            "BATCHSCORE_REDIS_PREFIX": "",
+            "BATCHSCORE_ID_COLUMN": "",
+            "AWS_ENDPOINT_URL_S3": "",
+        }
+    )
+    home = (tmp_path / ".batchscore").resolve()
+    assert settings.home == home
+    assert settings.resolved_store_url == (home / "store").as_uri()
+    assert settings.resolved_database_url == f"sqlite:///{home / 'metrics.db'}"
+    assert settings.redis_url is None
+    assert settings.redis_prefix == "predictions"
+    assert settings.id_column is None
+    assert settings.s3_endpoint_url is None
+
+
+def test_s3_endpoint_and_credentials_are_read(settings_for, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    settings = settings_for(
+        {
+            "AWS_ENDPOINT_URL_S3": "http://localhost:9000",
+            "AWS_ACCESS_KEY_ID": "minio-user",
+            "AWS_SECRET_ACCESS_KEY": "minio-secret",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+        }
+    )
+    assert settings.s3_endpoint_url == "http://localhost:9000"
+    assert settings.aws_access_key_id == "minio-user"
+    assert settings.aws_secret_access_key == "minio-secret"
+    assert settings.aws_region == "eu-west-1"
+
+
+def test_generic_aws_endpoint_is_a_fallback(settings_for, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert settings_for({"AWS_ENDPOINT_URL": "http://minio:9000"}).s3_endpoint_url == (
+        "http://minio:9000"
+    )
+
+
+def test_dotenv_file_is_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text("BATCHSCORE_REDIS_PREFIX=fromdotenv\nBATCHSCORE_HOME=h\n")
+    settings = Settings()
+    assert settings.redis_prefix == "fromdotenv"
+    assert settings.home == (tmp_path / "h").resolve()
+
+
+def test_settings_are_frozen(settings_for):
+    settings = settings_for({})
+    with pytest.raises(ValueError):
+        settings.redis_prefix = "other"
+
+
+@pytest.mark.parametrize(
+    ("redis_url", "shown"),
+    [
+        ("redis://:s3cret-pw@redis.example:6379/0", "redis://***@redis.example:6379/0"),
+        ("rediss://user:s3cret-pw@redis.example:6380/1", "rediss://***@redis.example:6380/1"),
+        ("redis://redis.example:6379/0?password=s3cret-pw", None),
+    ],
+)
+def test_describe_masks_passwords(settings_for, tmp_path, redis_url, shown):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path),
+            "BATCHSCORE_DATABASE_URL": "postgresql+psycopg2://batch:s3cret-pw@db.example:5432/m",
+            "BATCHSCORE_REDIS_URL": redis_url,
+        }
+    )
+    described = settings.describe()
+    assert "s3cret-pw" not in str(described)
+    assert described["database"] == "postgresql+psycopg2://batch:***@db.example:5432/m"
+    assert "redis.example" in described["redis"]
+    if shown:
+        assert described["redis"] == shown
+    assert described["redis prefix"] == "predictions"
+
+
+def test_describe_embedded(settings_for, tmp_path):
+    described = settings_for({"BATCHSCORE_HOME": str(tmp_path)}).describe()
+    assert described == {
+        "store": (tmp_path / "store").resolve().as_uri(),
+        "database": f"sqlite:///{tmp_path.resolve() / 'metrics.db'}",
+        "redis": f"embedded ({tmp_path.resolve() / 'redis.db'})",
+        "redis prefix": "predictions",
+    }

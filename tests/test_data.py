@@ -1,0 +1,335 @@
+"""Datasets, table I/O and the input schema check: every problem names file, column, row."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batchscore import data
+from batchscore.data import InputError, iter_frames, load_dataset, read_frame, to_feature_frame
+
+
+def _write(path: Path, frame: pd.DataFrame) -> str:
+    if path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return str(path)
+
+
+def _table(n: int = 12) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "x1": rng.normal(size=n),
+            "x2": rng.normal(size=n) * 100,
+            "x3": np.arange(n, dtype="float64"),
+            "label": ["yes" if i % 3 == 0 else "no" for i in range(n)],
+        }
+    )
+
+
+# ------------------------------------------------------------------------ datasets
+
+
+def test_breast_cancer_malignant_is_positive():
+    dataset = load_dataset("breast_cancer")
+    assert dataset.features.shape == (569, 30)
+    assert dataset.labels.shape == (569,)
+    assert set(np.unique(dataset.labels)) == {0, 1}
+    assert int(dataset.labels.sum()) == 212  # malignant cases
+    assert dataset.classes == ("benign", "malignant")
+    assert dataset.positive_class == "malignant"
+    assert (dataset.features.dtypes == "float64").all()
+    assert dataset.features.columns[0] == "mean radius"
+    assert dataset.name == "breast_cancer"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_file_dataset(tmp_path, suffix):
+    table = _table()
+    source = _write(tmp_path / f"my data{suffix}", table)
+    dataset = load_dataset(source, target="label")
+    assert list(dataset.features.columns) == ["x1", "x2", "x3"]
+    assert dataset.features.shape == (12, 3)
+    # Classes sort as text: "no" < "yes", so "yes" is positive by default.
+    assert dataset.classes == ("no", "yes")
+    np.testing.assert_array_equal(dataset.labels, (table["label"] == "yes").astype(int))
+    np.testing.assert_array_equal(dataset.features.to_numpy(), table[["x1", "x2", "x3"]])
+    assert dataset.name == "my_data"
+
+
+def test_positive_class_option(tmp_path):
+    source = _write(tmp_path / "d.csv", _table())
+    dataset = load_dataset(source, target="label", positive_class="no")
+    assert dataset.classes == ("yes", "no")
+    assert dataset.positive_class == "no"
+    assert int(dataset.labels.sum()) == 8
+    with pytest.raises(InputError, match="'maybe'"):
+        load_dataset(source, target="label", positive_class="maybe")
+
+
+def test_numeric_labels_put_one_positive(tmp_path):
+    table = _table().assign(label=[i % 2 for i in range(12)])
+    dataset = load_dataset(_write(tmp_path / "d.csv", table), target="label")
+    assert dataset.classes == ("0", "1")
+    np.testing.assert_array_equal(dataset.labels, table["label"])
+
+
+def test_non_binary_label_names_the_column(tmp_path):
+    table = _table().assign(label=[str(i % 3) for i in range(12)])
+    source = _write(tmp_path / "d.csv", table)
+    with pytest.raises(InputError, match="'label'.*exactly two classes") as info:
+        load_dataset(source, target="label")
+    assert source in str(info.value)
+
+
+def test_missing_label_value_names_the_row(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("x,y\n1,a\n2,b\n3,\n")
+    with pytest.raises(InputError, match=r"column 'y', row 3"):
+        load_dataset(str(path), target="y")
+
+
+def test_target_is_required_and_must_exist(tmp_path):
+    source = _write(tmp_path / "d.csv", _table())
+    with pytest.raises(InputError, match="--target"):
+        load_dataset(source)
+    with pytest.raises(InputError, match="'diagnosis'") as info:
+        load_dataset(source, target="diagnosis")
+    assert source in str(info.value)
+
+
+# ------------------------------------------------------------------------ table I/O
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_iter_frames_batches(tmp_path, suffix):
+    table = _table(25).drop(columns=["label"])
+    source = _write(tmp_path / f"t{suffix}", table)
+    frames = list(iter_frames(source, batch_rows=10, numeric_columns=["x1", "x2", "x3"]))
+    assert [len(f) for f in frames] == [10, 10, 5]
+    pd.testing.assert_frame_equal(pd.concat(frames, ignore_index=True), table)
+    assert [len(f) for f in iter_frames(source, batch_rows=25)] == [25]
+    assert [len(f) for f in iter_frames(source, batch_rows=100)] == [25]
+
+
+def test_csv_batches_across_read_blocks(tmp_path, monkeypatch):
+    # Small read blocks: batches are cut from many Arrow batches, none lost or repeated.
+    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 256)
+    path = tmp_path / "t.csv"
+    path.write_text("a,b\n" + "".join(f"{i},{i * 0.5}\n" for i in range(1000)))
+    frames = list(iter_frames(str(path), batch_rows=300, numeric_columns=["a", "b"]))
+    assert [len(f) for f in frames] == [300, 300, 300, 100]
+    whole = pd.concat(frames, ignore_index=True)
+    assert whole["a"].tolist() == [float(i) for i in range(1000)]
+
+
+def test_csv_floats_parse_bit_for_bit_like_python(tmp_path):
+    rng = random.Random(7)
+    texts = [
+        "0.1",
+        "0.30000000000000004",
+        "0.12345678901234567",
+        "2.2250738585072011e-308",
+        "4.9e-324",
+        "1.7976931348623157e308",
+        "9007199254740993",
+        "1e23",
+        "-0.0",
+        "122.8",
+        "17.99",
+    ]
+    texts += [repr(rng.random()) for _ in range(2000)]
+    texts += [f"{rng.uniform(-1e6, 1e6):.17g}" for _ in range(2000)]
+    texts += [f"{rng.random():.25f}" for _ in range(500)]  # more digits than a double holds
+    path = tmp_path / "floats.csv"
+    path.write_text("x\n" + "\n".join(texts) + "\n")
+    parsed = pd.concat(iter_frames(str(path), numeric_columns=["x"]))["x"].tolist()
+    assert len(parsed) == len(texts)
+    mismatched = [
+        (text, value)
+        for text, value in zip(texts, parsed, strict=True)
+        if struct.pack("<d", float(text)) != struct.pack("<d", value)
+    ]
+    assert mismatched == []
+
+
+def test_read_frame_concatenates(tmp_path):
+    table = _table(7)
+    assert read_frame(_write(tmp_path / "t.parquet", table)).equals(table)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_empty_file(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match="empty") as info:
+        read_frame(str(path))
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_header_only_file(tmp_path, suffix):
+    source = _write(tmp_path / f"header{suffix}", _table().iloc[:0])
+    with pytest.raises(InputError, match="header but no rows") as info:
+        read_frame(source)
+    assert source in str(info.value)
+    with pytest.raises(InputError, match="header but no rows"):
+        load_dataset(source, target="label")
+
+
+def test_missing_path(tmp_path):
+    source = str(tmp_path / "nowhere.csv")
+    with pytest.raises(InputError, match="no such file") as info:
+        read_frame(source)
+    assert source in str(info.value)
+    with pytest.raises(InputError, match="no such file"):
+        list(iter_frames(Path(source).as_uri()))
+
+
+def test_not_a_table(tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(InputError, match="not a readable Parquet file") as info:
+        read_frame(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_file_url_and_s3_sources(tmp_path, s3_env, settings_for):
+    table = _table(5)
+    source = _write(tmp_path / "t.parquet", table)
+    assert read_frame(Path(source).as_uri()).equals(table)
+
+    from batchscore.store import ObjectStore
+
+    settings = settings_for(s3_env)
+    store = ObjectStore.from_url(s3_env["BATCHSCORE_STORE_URL"], settings)
+    uri = store.put_file("data/t.csv", Path(_write(tmp_path / "t.csv", table)))
+    assert read_frame(uri, settings)["x3"].tolist() == table["x3"].tolist()
+    with pytest.raises(InputError, match="data/absent.csv"):
+        read_frame(store.uri("data/absent.csv"), settings)
+
+
+# --------------------------------------------------------------------- schema check
+
+COLUMNS = ["a", "b", "c"]
+
+
+def test_feature_frame_reorders_and_ignores_extra():
+    frame = pd.DataFrame({"c": [3.0, 6.0], "extra": ["x", "y"], "a": [1, 4], "b": [2.0, 5.0]})
+    features = to_feature_frame(frame, COLUMNS, "rows.csv")
+    assert list(features.columns) == COLUMNS
+    assert features.to_numpy().tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    assert (features.dtypes == "float64").all()
+
+
+def test_feature_frame_missing_column_is_named():
+    frame = pd.DataFrame({"a": [1.0], "c": [3.0]})
+    with pytest.raises(InputError, match=r"rows.csv: missing feature column\(s\) \['b'\]"):
+        to_feature_frame(frame, COLUMNS, "rows.csv")
+
+
+def test_feature_frame_non_numeric_names_column_and_row():
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": ["1.5", "2.5", "abc"], "c": [0.0] * 3})
+    with pytest.raises(InputError, match=r"rows.csv: column 'b', row 3: 'abc' is not a number"):
+        to_feature_frame(frame, COLUMNS, "rows.csv")
+    # Rows count from `first_row` when the frame is a later batch of a bigger table.
+    with pytest.raises(InputError, match=r"column 'b', row 103"):
+        to_feature_frame(frame, COLUMNS, "rows.csv", first_row=101)
+
+
+def test_numeric_text_is_accepted():
+    frame = pd.DataFrame({"a": ["1.5", "2"], "b": [1, 2], "c": [0.5, 0.25]})
+    assert to_feature_frame(frame, COLUMNS, "x").to_numpy().tolist() == [
+        [1.5, 1.0, 0.5],
+        [2.0, 2.0, 0.25],
+    ]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_feature_frame_rejects_nan_and_inf(bad):
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [1.0, 2.0], "c": [1.0, 2.0]}, dtype=object)
+    frame.loc[1, "c"] = bad
+    with pytest.raises(InputError, match=r"rows.csv: column 'c', row 2: .*not a finite number"):
+        to_feature_frame(frame, COLUMNS, "rows.csv")
+
+
+def test_csv_reader_non_numeric_names_column_and_row(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b,c\n1,2,3\n4,5,6\n7,oops,9\n")
+    with pytest.raises(InputError) as info:
+        list(iter_frames(str(path), numeric_columns=COLUMNS))
+    message = str(info.value)
+    assert str(path) in message
+    assert "column 'b'" in message
+    assert "row 3" in message
+
+
+def test_csv_reader_bad_value_in_a_later_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 512)
+    path = tmp_path / "rows.csv"
+    lines = [f"{i},{i}.5" for i in range(1, 1001)]
+    lines[876] = "877,n/a?"  # data row 877
+    path.write_text("a,b\n" + "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"column 'b', row 877"):
+        list(iter_frames(str(path), batch_rows=100, numeric_columns=["a", "b"]))
+
+
+def test_csv_reader_empty_cell_is_rejected_with_its_row(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("a,b\n1,2\n3,\n")
+    frames = list(iter_frames(str(path), numeric_columns=["a", "b"]))
+    with pytest.raises(InputError, match=r"column 'b', row 2"):
+        to_feature_frame(frames[0], ["a", "b"], str(path))
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server over a folder, for dataset URLs."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_sources(http_folder):
+    folder, base = http_folder
+    table = _table(9)
+    _write(folder / "train.parquet", table)
+    _write(folder / "train.csv", table)
+    assert load_dataset(f"{base}/train.parquet", target="label").features.shape == (9, 3)
+    assert load_dataset(f"{base}/train.csv", target="label").name == "train"
+    with pytest.raises(InputError, match="cannot download") as info:
+        read_frame(f"{base}/absent.csv")
+    assert f"{base}/absent.csv" in str(info.value)
+
+
+def test_csv_with_bom_and_crlf(tmp_path):
+    # What spreadsheet programs on Windows write.
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfa,b\r\n1.5,2\r\n3,4\r\n")
+    frame = read_frame(str(path))
+    assert list(frame.columns) == ["a", "b"]
+    assert to_feature_frame(frame, ["a", "b"], str(path)).to_numpy().tolist() == [
+        [1.5, 2.0],
+        [3.0, 4.0],
+    ]

@@ -1,0 +1,96 @@
+"""The row-key contract, pinned by golden vectors any client can reproduce."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from batchscore.data import InputError
+from batchscore.keys import feature_bytes, id_keys, row_key, row_keys
+
+# hex(SHA-256(float64 little-endian of each value, concatenated)): written out literally so
+# that a change of the contract (byte order, width, separator, rounding) fails this test.
+GOLDEN = [
+    ([1.0, 2.0, 3.0], "a68de4b5e96a60c8ceb3c7b7ef93461725bdbbff3516b136585a743b5c0ec664"),
+    ([17.99, 10.38, 122.8], "5071986d2df8d03158260ebdd0975deaec30c0f2214635ee132ab81aea5e08cd"),
+    ([0.0, 0.0, 0.0], "9d908ecfb6b256def8b49a7c504e6c889c4b0e41fe6ce3e01863dd7b61a20aa0"),
+    ([0.1, -2.5, 1e300], "864d61115ccae37853e8ea0d9566fca065b25992e9a2eddb0b8f73681c683530"),
+]
+
+
+def reference_key(values: list[float]) -> str:
+    """An independent implementation, as a client in another language would write it."""
+    normalised = [0.0 if v == 0 else float(v) for v in values]
+    return hashlib.sha256(struct.pack(f"<{len(values)}d", *normalised)).hexdigest()
+
+
+@pytest.mark.parametrize(("values", "expected"), GOLDEN)
+def test_golden_vectors(values, expected):
+    assert reference_key(values) == expected
+    assert row_key(values) == expected
+    assert row_keys(np.array([values])) == [expected]
+
+
+def test_row_keys_of_a_matrix_equal_row_key_of_each_row():
+    rng = np.random.default_rng(1)
+    matrix = rng.normal(size=(50, 7)) * 1000
+    keys = row_keys(matrix)
+    assert keys == [row_key(list(row)) for row in matrix]
+    assert keys == [reference_key(list(row)) for row in matrix]
+    assert len(set(keys)) == 50
+    # A DataFrame keys like its values; non-contiguous / big-endian input too.
+    assert row_keys(pd.DataFrame(matrix)) == keys
+    assert row_keys(np.asfortranarray(matrix)) == keys
+    assert row_keys(matrix.astype(">f8")) == keys
+
+
+def test_integers_and_float32_key_as_their_float64_value():
+    assert row_key([1, 2, 3]) == GOLDEN[0][1]
+    assert row_keys(np.array([[1, 2, 3]], dtype="int64")) == [GOLDEN[0][1]]
+    assert row_keys(np.array([[1.0, 2.0, 3.0]], dtype="float32")) == [GOLDEN[0][1]]
+
+
+def test_negative_zero_keys_like_zero():
+    assert row_key([-0.0, 0.0, -0.0]) == row_key([0.0, 0.0, 0.0]) == GOLDEN[2][1]
+    assert row_keys(np.array([[1.0, -0.0, 3.0]])) == row_keys(np.array([[1.0, 0.0, 3.0]]))
+    assert struct.pack("<d", feature_bytes(np.array([[-0.0]]))[0, 0]) == b"\0" * 8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_rejected(bad):
+    with pytest.raises(InputError, match="row 2, feature 3"):
+        row_keys(np.array([[1.0, 2.0, 3.0], [1.0, 2.0, bad]]))
+    with pytest.raises(InputError):
+        row_key([bad, 1.0, 2.0])
+
+
+def test_column_order_matters():
+    assert row_key([1.0, 2.0, 3.0]) != row_key([3.0, 2.0, 1.0])
+    assert row_key([1.0, 2.0, 3.0]) != row_key([2.0, 1.0, 3.0])
+    # and so does the number of columns: a trailing zero is not "the same row"
+    assert row_key([1.0, 2.0, 3.0]) != row_key([1.0, 2.0, 3.0, 0.0])
+
+
+def test_keys_are_lowercase_hex_sha256():
+    key = row_key([17.99, 10.38, 122.8])
+    assert len(key) == 64
+    assert set(key) <= set("0123456789abcdef")
+
+
+def test_id_keys_pass_clean_ids_through():
+    assert id_keys(pd.Series(["a-1", "B_2", "3"])) == ["a-1", "B_2", "3"]
+    assert id_keys(pd.Series([10, 20])) == ["10", "20"]
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "a:b", "has space", " lead", "tab\there", "star*", "what?", "br[ack]et", None]
+)
+def test_id_keys_reject_unusable_ids_naming_the_row(bad):
+    ids = pd.Series(["ok-1", "ok-2", bad], dtype=object)
+    with pytest.raises(InputError, match=r"rows.csv: column 'customer', row 3") as info:
+        id_keys(ids, "rows.csv", "customer")
+    assert "id" in str(info.value)

@@ -1,0 +1,290 @@
+"""The Redis online store on a real Redis (db 15): versioned publish, lookups, retirement."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from batchscore.data import InputError
+from batchscore.keys import row_keys
+from batchscore.online import OnlineStore, PublishError, new_version, ttl_seconds
+
+COLUMNS = ["a", "b", "c"]
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _version(minutes: int, run: str = "BatchProcessingFlow/1") -> str:
+    return new_version(run, T0 + timedelta(minutes=minutes))
+
+
+def _value(label: int, tag: str = "v") -> str:
+    return json.dumps({"label": label, "class": "yes" if label else "no", "proba": 0.5,
+                       "model": tag})
+
+
+def _publish(store: OnlineStore, version: str, rows: dict[str, str], shards: int = 1,
+             ttl: int | None = None) -> bool:
+    store.stage(version, {"model": "svc", "feature_columns": COLUMNS, "classes": ["no", "yes"]},
+                ttl)
+    keys = list(rows)
+    parts = np.array_split(np.arange(len(keys)), shards)
+    for shard, index in enumerate(parts):
+        store.write(version, shard, [keys[i] for i in index], [rows[keys[i]] for i in index], ttl)
+    return store.publish(version, len(keys), shards)
+
+
+@pytest.fixture
+def store(redis_client) -> OnlineStore:
+    return OnlineStore(redis_client, prefix="t")
+
+
+def test_versions_sort_by_time():
+    early, late = _version(0), _version(1)
+    assert early < late
+    assert early.startswith("20240501T120000000000Z-")
+    assert ":" not in new_version("Flow/12:weird name")
+    assert " " not in new_version("Flow/12:weird name")
+
+
+def test_ttl_seconds():
+    assert ttl_seconds(0) is None
+    assert ttl_seconds(1) == 86_400
+    assert ttl_seconds(0.5) == 43_200
+    with pytest.raises(ValueError):
+        ttl_seconds(-1)
+
+
+def test_prefix_validation(redis_client):
+    for bad in ("", "a:b", "a b"):
+        with pytest.raises(ValueError):
+            OnlineStore(redis_client, prefix=bad)
+
+
+def test_stage_write_publish_moves_current(store, redis_client):
+    version = _version(0)
+    assert store.current() is None
+    assert store.get("k1") is None
+    assert store.status() == {"current": None}
+
+    store.stage(version, {"model": "svc", "feature_columns": COLUMNS})
+    assert store.write(version, 0, ["k1", "k2"], [_value(1), _value(0)]) == 2
+    assert store.write(version, 1, ["k3"], [_value(1)]) == 1
+    # Written but not published: readers see nothing yet.
+    assert store.current() is None
+    assert store.get_many(["k1", "k2"]) == [None, None]
+    assert redis_client.get(f"t:{version}:k1") is not None
+
+    assert store.publish(version, expected_keys=3, expected_shards=2) is True
+    assert store.current() == version
+    assert redis_client.get("t:current") == version.encode()
+    # Re-publishing the current version (a resumed step) is a no-op success.
+    assert store.publish(version, 3, 2) is True
+
+
+def test_get_and_get_many(store):
+    _publish(store, _version(0), {"k1": _value(1), "k2": _value(0)})
+    assert store.get("k1")["label"] == 1
+    assert store.get_many(["k2", "absent", "k1"]) == [
+        json.loads(_value(0)),
+        None,
+        json.loads(_value(1)),
+    ]
+    assert store.get_many([]) == []
+    assert store.get("absent") is None
+
+
+class _CountingConnection(redis.Connection):
+    """A real connection that counts the replies it reads: one per round trip."""
+
+    replies = 0
+
+    def read_response(self, *args, **kwargs):
+        type(self).replies += 1
+        return super().read_response(*args, **kwargs)
+
+
+def test_get_many_reads_in_one_round_trip(store, redis_url):
+    _publish(store, _version(0), {f"k{i}": _value(i % 2) for i in range(100)})
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_CountingConnection)
+    client = redis.Redis(connection_pool=pool)
+    try:
+        reader = OnlineStore(client, prefix="t")
+        reader.get_many(["k0"])  # loads the Lua script once (NOSCRIPT, then EVAL)
+        _CountingConnection.replies = 0
+        values = reader.get_many([f"k{i}" for i in range(100)])
+        assert _CountingConnection.replies == 1
+        assert all(values)
+        _CountingConnection.replies = 0
+        assert reader.get("k7")["label"] == 1
+        assert _CountingConnection.replies == 1
+    finally:
+        client.close()
+        pool.disconnect()
+
+
+def test_get_many_of_a_large_batch(store):
+    rows = {f"k{i}": _value(i % 2) for i in range(10_000)}
+    _publish(store, _version(0), rows)
+    found = store.get_many(list(rows))
+    assert sum(v is not None for v in found) == 10_000
+
+
+def test_newer_version_switches(store):
+    v1, v2 = _version(0), _version(5)
+    _publish(store, v1, {"k1": _value(0, "old")})
+    assert _publish(store, v2, {"k1": _value(1, "new")}) is True
+    assert store.current() == v2
+    assert store.get("k1")["model"] == "new"
+
+
+def test_older_version_never_overwrites_a_newer_pointer(store):
+    newer, older = _version(10, "BatchProcessingFlow/2"), _version(0, "BatchProcessingFlow/1")
+    _publish(store, newer, {"k1": _value(1, "newer")})
+    # The older run started first but finishes last: it must not win.
+    assert _publish(store, older, {"k1": _value(0, "older")}) is False
+    assert store.current() == newer
+    assert store.get("k1")["model"] == "newer"
+
+
+@pytest.mark.parametrize(("keys", "shards"), [(4, 2), (3, 3)])
+def test_incomplete_publish_fails_and_keeps_the_previous_version(store, keys, shards):
+    v1, v2 = _version(0), _version(5)
+    _publish(store, v1, {"k1": _value(0, "v1"), "k2": _value(1, "v1")})
+    store.stage(v2, {"model": "svc"})
+    store.write(v2, 0, ["k1", "k2"], [_value(1, "v2"), _value(1, "v2")])
+    store.write(v2, 1, ["k3"], [_value(1, "v2")])
+    # A shard died: 3 keys in 2 shards landed, but the run expected more.
+    with pytest.raises(PublishError, match="INCOMPLETE"):
+        store.publish(v2, expected_keys=keys, expected_shards=shards)
+    assert store.current() == v1
+    assert [v["model"] for v in store.get_many(["k1", "k2"])] == ["v1", "v1"]
+    assert store.get("k3") is None
+
+
+def test_write_rejects_mismatched_lengths(store):
+    with pytest.raises(ValueError, match="2 keys but 1 values"):
+        store.write(_version(0), 0, ["a", "b"], ["x"])
+
+
+def test_retire_keeps_current_and_previous(store, redis_client):
+    versions = [_version(m) for m in range(4)]
+    for i, version in enumerate(versions):
+        assert _publish(store, version, {"k": _value(1, f"v{i}"), f"only{i}": _value(0)})
+    retired = store.retire()
+    assert sorted(retired) == versions[:2]
+    assert store.current() == versions[3]
+    assert store.get("k")["model"] == "v3"
+    for version in versions[:2]:
+        assert redis_client.keys(f"t:{version}:*") == []
+        assert not redis_client.exists(f"t:manifest:{version}")
+    for version in versions[2:]:
+        assert len(redis_client.keys(f"t:{version}:*")) == 2
+    assert [v.decode() for v in redis_client.zrange("t:versions", 0, -1)] == versions[2:]
+    assert store.retire() == []
+
+
+def test_retire_drops_staged_versions_older_than_current(store, redis_client):
+    abandoned, current, in_progress = _version(0), _version(5), _version(10)
+    store.stage(abandoned, {"model": "svc"})
+    store.write(abandoned, 0, ["k"], [_value(0)])
+    _publish(store, current, {"k": _value(1)})
+    store.stage(in_progress, {"model": "svc"})  # newer, still being written: keep it
+    store.write(in_progress, 0, ["k"], [_value(1)])
+
+    assert store.retire() == [abandoned]
+    assert redis_client.keys(f"t:{abandoned}:*") == []
+    assert redis_client.exists(f"t:manifest:{in_progress}")
+    assert redis_client.exists(f"t:{in_progress}:k")
+    assert store.current() == current
+
+
+def test_retire_with_nothing_published(store):
+    store.stage(_version(0), {"model": "svc"})
+    assert store.retire() == []
+
+
+def test_discard_refuses_current_and_removes_others(store, redis_client):
+    v1, v2 = _version(0), _version(5)
+    _publish(store, v1, {"a": _value(0), "b": _value(1)})
+    _publish(store, v2, {"a": _value(1)})
+    with pytest.raises(ValueError, match="current"):
+        store.discard(v2)
+    assert store.discard(v1) == 2
+    assert redis_client.keys(f"t:{v1}*") == []
+    assert not redis_client.exists(f"t:manifest:{v1}")
+    assert store.get("a") == json.loads(_value(1))
+
+
+def test_ttl_is_set_on_keys_and_manifest(store, redis_client):
+    version = _version(0)
+    _publish(store, version, {"k1": _value(1), "k2": _value(0)}, ttl=3600)
+    for name in (f"t:{version}:k1", f"t:{version}:k2", f"t:manifest:{version}"):
+        assert 3500 < redis_client.ttl(name) <= 3600, name
+    no_ttl = _version(5)
+    _publish(store, no_ttl, {"k1": _value(1)})
+    assert redis_client.ttl(f"t:{no_ttl}:k1") == -1
+
+
+def test_lookup_rows_from_reordered_columns(store):
+    rows = pd.DataFrame({"a": [1.0, 17.99], "b": [2.0, 10.38], "c": [3.0, 122.8]})
+    keys = row_keys(rows[COLUMNS].to_numpy())
+    _publish(store, _version(0), {keys[0]: _value(0, "first"), keys[1]: _value(1, "second")})
+    assert store.feature_columns() == COLUMNS
+    shuffled = rows[["c", "a", "b"]].assign(extra="ignored")
+    assert [r["model"] for r in store.lookup_rows(shuffled)] == ["first", "second"]
+    assert store.lookup_rows(rows.iloc[[1]], COLUMNS)[0]["model"] == "second"
+    unknown = pd.DataFrame({"a": [9.0], "b": [9.0], "c": [9.0]})
+    assert store.lookup_rows(unknown) == [None]
+    with pytest.raises(InputError, match=r"\['b'\]"):
+        store.lookup_rows(rows[["a", "c"]])
+
+
+def test_feature_columns_without_a_version(store):
+    with pytest.raises(LookupError):
+        store.feature_columns()
+
+
+def test_glob_characters_in_the_prefix_are_escaped(redis_client):
+    tricky = OnlineStore(redis_client, prefix="p[1]")
+    neighbour = OnlineStore(redis_client, prefix="p1")  # what the unescaped glob p[1] matches
+    versions = [_version(m) for m in range(3)]
+    for version in versions:
+        _publish(neighbour, version, {"k": _value(0, "neighbour")})
+        _publish(tricky, version, {"k": _value(1, "tricky")})
+    neighbour_keys = sorted(redis_client.keys("p1:*"))
+
+    assert tricky.retire() == versions[:1]
+    assert sorted(redis_client.keys("p1:*")) == neighbour_keys
+    assert neighbour.get("k")["model"] == "neighbour"
+    assert tricky.get("k")["model"] == "tricky"
+    assert redis_client.exists(f"p[1]:{versions[0]}:k") == 0
+    assert redis_client.exists(f"p[1]:{versions[1]}:k") == 1
+
+
+def test_other_prefixes_are_untouched(redis_client):
+    one, two = OnlineStore(redis_client, prefix="one"), OnlineStore(redis_client, prefix="two")
+    versions = [_version(m) for m in range(3)]
+    for version in versions:
+        _publish(one, version, {"k": _value(1, "one")})
+    _publish(two, versions[0], {"k": _value(0, "two")})
+    one.retire()
+    assert two.current() == versions[0]
+    assert two.get("k")["model"] == "two"
+
+
+def test_status_reports_keys_and_model(store):
+    version = _version(0)
+    _publish(store, version, {f"k{i}": _value(1) for i in range(5)}, shards=2)
+    status = store.status()
+    assert status["current"] == version
+    assert status["keys"] == 5
+    assert status["model"] == "svc"
+    assert status["status"] == "current"
+    assert 0 <= status["age_seconds"] < 60
+    assert "feature_columns" not in status
+    assert not any(k.startswith("shard:") for k in status)

@@ -1,0 +1,193 @@
+"""Metrics and lineage tables, on SQLite (embedded) and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from batchscore.tracking import (
+    ModelRecord,
+    Tracker,
+    TrackingError,
+    batch_runs,
+    model_metrics,
+    training_runs,
+)
+
+FEATURES = ["mean radius", "mean texture", "mean perimeter"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def tracker(request, tmp_path: Path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'metrics.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    tracker = Tracker(url)
+    yield tracker
+    tracker.close()
+
+
+def _run(batch_input_uri: str = "file:///store/data/breast_cancer.csv") -> dict:
+    return {
+        "dataset": "breast_cancer",
+        "target": None,
+        "negative_class": "benign",
+        "positive_class": "malignant",
+        "feature_columns": FEATURES,
+        "n_train": 455,
+        "n_test": 114,
+        "batch_input_uri": batch_input_uri,
+    }
+
+
+def _model(name: str, cv: float) -> dict:
+    return {
+        "precision": 0.9,
+        "recall": 0.8,
+        "f1": 0.85,
+        "roc_auc": 0.97,
+        "accuracy": 0.93,
+        "cv_score": cv,
+        "best_params": {"C": 1.0},
+        "model_uri": f"s3://batch/models/run/{name}.joblib",
+        "model_sha256": name[0] * 64,
+    }
+
+
+MODELS = {"tree": _model("tree", 0.9), "svc": _model("svc", 0.99), "knn": _model("knn", 0.95)}
+
+
+def _count(tracker: Tracker, table, **where) -> int:
+    query = select(func.count()).select_from(table)
+    for column, value in where.items():
+        query = query.where(table.c[column] == value)
+    with tracker.engine.connect() as conn:
+        return conn.execute(query).scalar_one()
+
+
+def test_record_training_twice_replaces_not_duplicates(tracker):
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")  # a retried step
+    assert _count(tracker, training_runs) == 1
+    assert _count(tracker, model_metrics) == 3
+    assert _count(tracker, model_metrics, is_champion=True) == 1
+    metrics = tracker.metrics("TrainModelsFlow/1")
+    assert set(metrics) == {"tree", "svc", "knn"}
+    assert [m for m, row in metrics.items() if row["is_champion"]] == ["svc"]
+    assert metrics["svc"]["cv_score"] == pytest.approx(0.99)
+    assert metrics["svc"]["best_params"] == {"C": 1.0}
+
+
+def test_rerecording_can_move_the_champion(tracker):
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "knn")
+    assert _count(tracker, model_metrics, is_champion=True) == 1
+    assert [r.model for r in tracker.model_records("champion")] == ["knn"]
+
+
+def test_model_records_come_from_the_latest_run_champion_first(tracker):
+    tracker.record_training("TrainModelsFlow/1", _run("file:///old.csv"), MODELS, "tree")
+    time.sleep(0.01)
+    newer = {"logreg": _model("logreg", 0.98), "xgboost": _model("xgboost", 0.99)}
+    tracker.record_training("TrainModelsFlow/2", _run("file:///new.csv"), newer, "xgboost")
+
+    champion = tracker.model_records("champion")
+    assert champion == [
+        ModelRecord(
+            training_run_id="TrainModelsFlow/2",
+            model="xgboost",
+            model_uri="s3://batch/models/run/xgboost.joblib",
+            model_sha256="x" * 64,
+            feature_columns=FEATURES,
+            classes=("benign", "malignant"),
+            is_champion=True,
+        )
+    ]
+    every = tracker.model_records("all")
+    assert [r.model for r in every] == ["xgboost", "logreg"]
+    assert [r.is_champion for r in every] == [True, False]
+    assert {r.training_run_id for r in every} == {"TrainModelsFlow/2"}
+    assert tracker.latest_batch_input() == "file:///new.csv"
+
+
+def test_model_records_rejects_unknown_selection(tracker):
+    with pytest.raises(ValueError, match="champion"):
+        tracker.model_records("best")
+
+
+def test_empty_database_says_what_to_run(tracker):
+    with pytest.raises(TrackingError, match="train_models.py"):
+        tracker.model_records()
+    with pytest.raises(TrackingError, match="no training run"):
+        tracker.latest_batch_input()
+    assert tracker.batch_run("BatchProcessingFlow/1") is None
+
+
+def test_batch_run_lifecycle(tracker):
+    row = {
+        "input_uri": "s3://batch/data/breast_cancer.csv",
+        "training_run_id": "TrainModelsFlow/2",
+        "models": ["svc", "tree"],
+        "redis_version": "20240101T000000000000Z-run",
+        "rows_scored": 114,
+        "keys_written": 113,
+        "published": False,
+    }
+    tracker.record_batch("BatchProcessingFlow/7", row)
+    tracker.record_batch("BatchProcessingFlow/7", row)  # a retried step: still one row
+    assert _count(tracker, batch_runs) == 1
+    stored = tracker.batch_run("BatchProcessingFlow/7")
+    assert stored["published"] is False
+    assert stored["models"] == ["svc", "tree"]
+    assert stored["rows_scored"] == 114
+    assert stored["keys_written"] == 113
+    assert stored["redis_version"] == "20240101T000000000000Z-run"
+    assert stored["created_at"] is not None
+
+    tracker.mark_published("BatchProcessingFlow/7")
+    assert tracker.batch_run("BatchProcessingFlow/7")["published"] is True
+    tracker.mark_published("BatchProcessingFlow/unknown")  # no row: nothing happens
+    assert tracker.batch_run("BatchProcessingFlow/unknown") is None
+
+
+def test_tables_survive_a_second_tracker(tracker):
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
+    again = Tracker(tracker.url)  # create_all on existing tables is harmless
+    try:
+        assert [r.model for r in again.model_records()] == ["svc"]
+    finally:
+        again.close()
+
+
+def test_unreachable_database_is_a_clear_error_without_password():
+    url = "postgresql+psycopg2://nobody:s3cret-pw@127.0.0.1:1/x"
+    with pytest.raises(TrackingError) as info:
+        Tracker(url)
+    message = str(info.value)
+    assert "s3cret-pw" not in message
+    assert "database error at postgresql+psycopg2://nobody:***@127.0.0.1:1/x" in message
+    assert "\n" not in message
+    assert "127.0.0.1" in message
+
+
+def test_unwritable_sqlite_path_is_a_tracking_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrackingError, match="database error at sqlite"):
+        Tracker(f"sqlite:///{blocker / 'metrics.db'}")
+
+
+def test_fresh_home_folder_is_created_for_sqlite(tmp_path):
+    # Before any training run, BATCHSCORE_HOME may not exist yet: the batch flow must then
+    # say "run training first", not "unable to open database file".
+    tracker = Tracker(f"sqlite:///{tmp_path / 'fresh-home' / 'metrics.db'}")
+    try:
+        with pytest.raises(TrackingError, match="train_models.py"):
+            tracker.model_records()
+    finally:
+        tracker.close()
+    assert (tmp_path / "fresh-home" / "metrics.db").is_file()
