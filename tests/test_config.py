@@ -145,3 +145,17 @@ def test_describe_embedded(settings_for, tmp_path):
         "redis": f"embedded ({tmp_path.resolve() / 'redis.db'})",
         "redis prefix": "predictions",
     }
+
+
+def test_embedded_defaults_are_refused_inside_a_kubernetes_pod(monkeypatch):
+    from pydantic import ValidationError
+
+    from batchscore.config import Settings
+
+    monkeypatch.setenv("METAFLOW_KUBERNETES_WORKLOAD", "1")
+    monkeypatch.setenv("BATCHSCORE_STORE_URL", "s3://batch")
+    with pytest.raises(ValidationError, match="BATCHSCORE_DATABASE_URL, BATCHSCORE_REDIS_URL"):
+        Settings(_env_file=None)
+    monkeypatch.setenv("BATCHSCORE_DATABASE_URL", "postgresql+psycopg2://u@db/x")
+    monkeypatch.setenv("BATCHSCORE_REDIS_URL", "redis://r:6379/0")
+    assert Settings(_env_file=None).redis_url == "redis://r:6379/0"

@@ -6,11 +6,12 @@ Every variable is optional: unset, each service falls back to an embedded defaul
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +54,23 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _services_on_kubernetes(self) -> Settings:
+        # A pod's disk dies with it: embedded defaults there would "succeed" and lose
+        # every model, record and prediction. Refuse instead.
+        if os.environ.get("METAFLOW_KUBERNETES_WORKLOAD"):
+            missing = [
+                f"BATCHSCORE_{name.upper()}"
+                for name in ("store_url", "database_url", "redis_url")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"running on Kubernetes, but {', '.join(missing)} unset: embedded "
+                    "defaults would be lost with the pod (add them to METAFLOW_KUBERNETES_SECRETS)"
+                )
+        return self
 
     @cached_property
     def resolved_store_url(self) -> str:
