@@ -15,6 +15,7 @@ import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
@@ -40,8 +41,13 @@ def model_zoo(random_state: int = 42) -> dict[str, tuple[Pipeline, dict[str, lis
             {"model__max_depth": [3, 5, None], "model__min_samples_leaf": [1, 5]},
         ),
         "svc": (
-            _pipeline(SVC(probability=True, random_state=random_state)),
-            {"model__C": [0.1, 1.0, 10.0], "model__kernel": ["rbf", "linear"]},
+            # Platt-scaled probabilities, the way scikit-learn now recommends (SVC's own
+            # `probability=True` is deprecated); predict() then agrees with the probability.
+            _pipeline(CalibratedClassifierCV(SVC(random_state=random_state), ensemble=False)),
+            {
+                "model__estimator__C": [0.1, 1.0, 10.0],
+                "model__estimator__kernel": ["rbf", "linear"],
+            },
         ),
         "knn": (
             _pipeline(KNeighborsClassifier()),
@@ -101,7 +107,10 @@ def train_model(
         name=name,
         estimator=search.best_estimator_,
         cv_score=float(search.best_score_),
-        best_params={k.removeprefix("model__"): v for k, v in search.best_params_.items()},
+        best_params={
+            k.removeprefix("model__").removeprefix("estimator__"): v
+            for k, v in search.best_params_.items()
+        },
         feature_columns=list(features.columns),
     )
 
