@@ -210,7 +210,8 @@ def read_frame(source: str, settings: Settings | None = None) -> pd.DataFrame:
 
 def _parquet_frames(path: Path, source: str, batch_rows: int) -> Iterator[pd.DataFrame]:
     try:
-        parquet = pq.ParquetFile(path)
+        # pre_buffer=False: row groups already read are not kept, so memory follows the batch.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{source}: not a readable Parquet file: {exc}") from exc
     for batch in parquet.iter_batches(batch_size=batch_rows):

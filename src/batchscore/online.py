@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -34,7 +35,7 @@ from batchscore.keys import row_keys
 
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 2_000  # keys per pipeline round trip; see benchmarks/ for the measurement
+WRITE_CHUNK = 2_000  # keys per round trip: 1,000-5,000 measured best (benchmarks/bench_scoring.py)
 SCAN_COUNT = 5_000
 KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses its version
 
@@ -121,6 +122,43 @@ def new_version(run_id: str, at: datetime | None = None) -> str:
     return f"{at:%Y%m%dT%H%M%S%f}Z-{tag}"
 
 
+def _set_commands(
+    connection: redis.Connection, names: list[str], values: Sequence[str], ttl: int | None
+) -> bytes:
+    """`SET name value [EX ttl]` for every row, as one RESP buffer.
+
+    Formatting RESP here is ~2x faster than redis-py's general-purpose packer
+    (benchmarks/bench_scoring.py); anything but ASCII text (lengths are byte counts)
+    goes through redis-py's packer instead.
+    """
+    tail = f"\r\n$2\r\nEX\r\n${len(str(ttl))}\r\n{ttl}\r\n" if ttl else "\r\n"
+    head = "*5\r\n$3\r\nSET\r\n$" if ttl else "*3\r\n$3\r\nSET\r\n$"
+    try:
+        text = "".join(
+            f"{head}{len(n)}\r\n{n}\r\n${len(v)}\r\n{v}{tail}"
+            for n, v in zip(names, values, strict=True)
+        )
+    except TypeError:  # bytes values
+        text = ""
+    if text and text.isascii():
+        return text.encode("ascii")
+    extra = ("EX", ttl) if ttl else ()
+    commands = [("SET", n, v, *extra) for n, v in zip(names, values, strict=True)]
+    return b"".join(connection.pack_commands(commands))
+
+
+def _send(connection: redis.Connection, payload: bytes, replies: int) -> int:
+    """Send one chunk, read its replies; how many were OK."""
+    connection.send_packed_command([payload])
+    ok = 0
+    for _ in range(replies):
+        try:
+            ok += connection.read_response() in (b"OK", "OK")
+        except redis.ResponseError as exc:  # read on, so the connection stays in step
+            log.warning("Redis refused a write: %s", exc)
+    return ok
+
+
 def ttl_seconds(days: float) -> int | None:
     """Key lifetime from the flow's `ttl_days`; 0 keeps keys until a newer version retires them."""
     if days < 0:
@@ -171,91 +209,37 @@ class OnlineStore:
         version: str,
         shard: str | int,
         row_keys: Sequence[str],
-        values: Sequence[str | bytes],
+        values: Sequence[str],
         ttl_seconds: int | None = None,
         chunk: int = WRITE_CHUNK,
     ) -> int:
         """Write one shard's rows under `version`; returns how many keys Redis acknowledged.
 
-        Chunks of `chunk` SETs (with EX when there is a TTL; one MSET per chunk without)
-        go out as one pre-encoded buffer per round trip, without MULTI: no server-side
-        transaction, no per-command client overhead. A chunk cut by a dropped connection
-        is resent whole (SET is idempotent) under the client's retry policy. The shard's
-        count is recorded last, so a shard that died midway is never counted.
+        Each chunk of SETs goes out as one buffer in one round trip, without MULTI, and
+        its replies are read through redis-py's (hiredis) parser. A chunk cut by a dropped
+        connection is resent whole (SET is idempotent) under the client's retry policy.
+        The shard's count is recorded last, so a shard that died midway is never counted.
         """
         if len(row_keys) != len(values):
             raise ValueError(f"{len(row_keys)} keys but {len(values)} values")
-        import functools
-
-        keys = row_keys if isinstance(row_keys, list) else list(row_keys)
-        vals = values if isinstance(values, list) else list(values)
         base = f"{self.prefix}:{version}:"
-        expire = None if ttl_seconds is None else int(ttl_seconds)
-        if expire is None:  # MSET k v k v ...: one command, one reply per chunk
-            command = "$"
-            tail = "\r\n"
-        else:  # SET k v EX ttl, one reply each
-            command = "*5\r\n$3\r\nSET\r\n$"
-            tail = f"\r\n$2\r\nEX\r\n${len(str(expire))}\r\n{expire}\r\n"
-        key_heads: dict[int, str] = {}
-        value_heads: dict[int, str] = {}
-
-        def packed(ks: list[str], vs: list[Any]) -> bytes:
-            """The chunk as RESP bytes, built with C-level joins (no per-row Python code)."""
-            try:
-                key_lens, value_lens = list(map(len, ks)), list(map(len, vs))
-                for n in set(key_lens).difference(key_heads):
-                    key_heads[n] = f"{command}{len(base) + n}\r\n{base}"
-                for n in set(value_lens).difference(value_heads):
-                    value_heads[n] = f"\r\n${n}\r\n"
-                parts = [tail] * (5 * len(ks))
-                parts[0::5] = map(key_heads.__getitem__, key_lens)
-                parts[1::5] = ks
-                parts[2::5] = map(value_heads.__getitem__, value_lens)
-                parts[3::5] = vs
-                text = "".join(parts)
-            except TypeError:  # bytes or other values: redis-py encodes them, as before
-                text = None
-            if text is not None and text.isascii():  # str lengths are byte lengths
-                if expire is None:
-                    return f"*{2 * len(ks) + 1}\r\n$4\r\nMSET\r\n{text}".encode("ascii")
-                return text.encode("ascii")
-            if expire is None:
-                args = [a for k, v in zip(ks, vs, strict=True) for a in (base + k, v)]
-                commands = [("MSET", *args)]
-            else:
-                commands = [("SET", base + k, v, "EX", expire) for k, v in zip(ks, vs, strict=True)]
-            return b"".join(connection.pack_commands(commands))
-
-        def send(payload: bytes, count: int) -> int:
-            connection.send_packed_command([payload])
-            replies = 1 if expire is None else count
-            ok = 0
-            for _ in range(replies):
-                try:
-                    reply = connection.read_response()
-                except redis.ResponseError as exc:  # read on: the connection stays in step
-                    log.warning("shard %s: Redis refused a write: %s", shard, exc)
-                    continue
-                ok += reply == b"OK" or reply == "OK"
-            return ok * count if expire is None else ok
-
         pool = self.client.connection_pool
-        connection = self.client.connection or pool.get_connection()
+        connection = pool.get_connection()
         landed = 0
         try:
-            for start in range(0, len(keys), chunk):
-                ks, vs = keys[start : start + chunk], vals[start : start + chunk]
-                payload = packed(ks, vs)
+            for start in range(0, len(row_keys), chunk):
+                names = [base + k for k in row_keys[start : start + chunk]]
+                payload = _set_commands(
+                    connection, names, values[start : start + chunk], ttl_seconds
+                )
                 landed += connection.retry.call_with_retry(
-                    functools.partial(send, payload, len(ks)),
+                    partial(_send, connection, payload, len(names)),
                     lambda _error: connection.disconnect(),
                 )
         finally:
-            if self.client.connection is None:
-                pool.release(connection)
-        if landed != len(keys):
-            raise PublishError(f"shard {shard}: Redis acknowledged {landed} of {len(keys)}")
+            pool.release(connection)
+        if landed != len(row_keys):
+            raise PublishError(f"shard {shard}: Redis acknowledged {landed} of {len(row_keys)}")
         self.client.hset(self.manifest(version), f"shard:{shard}", landed)
         return landed
 
