@@ -311,12 +311,6 @@ class OnlineStore:
             return [None] * len(keys)
         return [json.loads(v) if v is not None else None for v in reply[1:]]
 
-    def get_version(self, version: str, row_keys: Iterable[str]) -> list[dict[str, Any] | None]:
-        """Rows of a given version (MGET): for audits and comparisons between runs."""
-        names = [self.key(version, k) for k in row_keys]
-        values = self.client.mget(names) if names else []
-        return [json.loads(v) if v is not None else None for v in values]
-
     def lookup_rows(
         self, features: pd.DataFrame, feature_columns: Sequence[str] | None = None
     ) -> list[dict[str, Any] | None]:
