@@ -16,6 +16,7 @@ from metaflow import FlowSpec, Parameter, current, resources, retry, step, timeo
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
 RETRIES = Settings().step_retries
 
+
 class BatchProcessingFlow(FlowSpec):
     input_path = Parameter(
         "input_path",

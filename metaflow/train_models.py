@@ -17,6 +17,7 @@ from metaflow import FlowSpec, Parameter, card, current, resources, retry, step,
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
 RETRIES = Settings().step_retries
 
+
 class TrainModelsFlow(FlowSpec):
     dataset = Parameter(
         "dataset",

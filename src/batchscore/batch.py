@@ -43,11 +43,8 @@ class ModelBundle:
 
 def load_models(which: str, settings: Settings) -> ModelBundle:
     """The recorded champion (or all models), each checked against its SHA-256 first."""
-    tracker = Tracker(settings.resolved_database_url)
-    try:
+    with Tracker(settings.resolved_database_url) as tracker:
         records = tracker.model_records(which)
-    finally:
-        tracker.close()
     models = [
         LoadedModel(
             name=r.model,
@@ -64,11 +61,8 @@ def load_models(which: str, settings: Settings) -> ModelBundle:
 
 def default_input(settings: Settings) -> str:
     """The test split the latest training run published."""
-    tracker = Tracker(settings.resolved_database_url)
-    try:
+    with Tracker(settings.resolved_database_url) as tracker:
         return tracker.latest_batch_input()
-    finally:
-        tracker.close()
 
 
 def plan_shards(
@@ -187,15 +181,12 @@ def publish(
         "keys_written": keys,
         "published": False,
     }
-    tracker = Tracker(settings.resolved_database_url)
-    try:
+    with Tracker(settings.resolved_database_url) as tracker:
         # Recorded before the switch: a live version always has its lineage row.
         tracker.record_batch(run_id, record)
         published = online.publish(version, keys, len(results))
         if published:
             tracker.mark_published(run_id)
-    finally:
-        tracker.close()
     retired: list[str] = []
     if published:
         try:

@@ -288,8 +288,7 @@ def _locate_bad_number(
                 index, name = min(bad)
                 value = batch.column(name)[index].as_py()
                 return InputError(
-                    f"{source}: column {name!r}, row {rows + index + 1}: "
-                    f"{value!r} is not a number"
+                    f"{source}: column {name!r}, row {rows + index + 1}: {value!r} is not a number"
                 )
             rows += batch.num_rows
     except (pa.ArrowInvalid, OSError):

@@ -64,8 +64,10 @@ def card_components(
 
     header, *rows = metrics_rows(metrics, cv_scores, champion)
     components: list[Any] = [
-        Markdown(f"# Model evaluation\nPositive class: **{positive_class}**. "
-                 f"Champion (best cross-validated ROC AUC): **{champion}**."),
+        Markdown(
+            f"# Model evaluation\nPositive class: **{positive_class}**. "
+            f"Champion (best cross-validated ROC AUC): **{champion}**."
+        ),
         CardTable(rows, headers=header),
         Markdown("## ROC curves"),
         Image(pngs["roc.png"], label="ROC curves on the test split"),

@@ -219,6 +219,12 @@ class Tracker:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _make_sqlite_folder(url: str) -> None:
     """SQLite creates the database file but not its folder (a fresh BATCHSCORE_HOME)."""

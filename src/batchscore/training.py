@@ -126,9 +126,7 @@ def save_training(
             "model_uri": model_uris[name],
             "model_sha256": sha256,
         }
-    plot_uris = {
-        file: store.put_bytes(f"plots/{folder}/{file}", png) for file, png in pngs.items()
-    }
+    plot_uris = {file: store.put_bytes(f"plots/{folder}/{file}", png) for file, png in pngs.items()}
     run = {
         "dataset": data.dataset,
         "target": target,
@@ -139,11 +137,8 @@ def save_training(
         "n_test": len(data.test_labels),
         "batch_input_uri": data.batch_input_uri,
     }
-    tracker = Tracker(settings.resolved_database_url)
-    try:
+    with Tracker(settings.resolved_database_url) as tracker:
         tracker.record_training(run_id, run, rows, champion)
-    finally:
-        tracker.close()
     return SavedTraining(champion=champion, model_uris=model_uris, plot_uris=plot_uris)
 
 
