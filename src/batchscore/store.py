@@ -10,9 +10,10 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from batchscore.config import Settings
@@ -96,22 +97,23 @@ class LocalStore(ObjectStore):
         return self.path / self.key_of(key_or_uri)
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside, then rename: a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, target)
-        return self.uri(key)
+        return self._write(key, lambda out: out.write(data))
 
     def put_file(self, key: str, path: Path) -> str:
+        def copy(out: BinaryIO) -> None:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, out)
+
+        return self._write(key, copy)
+
+    def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
+        """Write beside, then rename: a reader never sees half a file, and concurrent
+        writers of one key never share a temporary file."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # A unique temporary name: concurrent writers of one key must not share it.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
-        shutil.copyfile(path, tmp)
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
         os.replace(tmp, target)
         return self.uri(key)
 
