@@ -20,7 +20,7 @@ from rich.table import Table
 from batchscore.config import Settings
 from batchscore.data import InputError, iter_frames, to_feature_frame
 from batchscore.embedded_redis import stop_server
-from batchscore.keys import row_keys
+from batchscore.keys import id_keys, row_keys
 from batchscore.online import OnlineStore
 
 
@@ -100,7 +100,9 @@ def _lookup(
         rows = 0
         for frame in iter_frames(args.csv, settings, numeric_columns=columns):
             if settings.id_column and settings.id_column in frame.columns:
-                keys += frame[settings.id_column].astype(str).tolist()
+                # The same id rules as the batch flow, so a lookup keys rows as it did.
+                ids = frame[settings.id_column]
+                keys += id_keys(ids, args.csv, settings.id_column, rows + 1)
             else:
                 # The same schema check as the batch flow: names a missing column, a bad cell.
                 features = to_feature_frame(frame, columns, args.csv, rows + 1)
