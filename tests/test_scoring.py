@@ -48,7 +48,7 @@ def test_predict_returns_labels_and_positive_probabilities(rows_and_models):
 
 def test_one_model(rows_and_models):
     rows, (logreg, _) = rows_and_models
-    values = encode_predictions([logreg], rows, CLASSES)
+    values = encode_predictions([logreg], rows, CLASSES).to_pylist()
     assert len(values) == len(rows)
     expected_labels = logreg.estimator.predict(rows)
     expected_proba = positive_proba(logreg.estimator, rows)
@@ -65,7 +65,7 @@ def test_one_model(rows_and_models):
 
 def test_several_models_champion_on_top(rows_and_models):
     rows, models = rows_and_models
-    values = [json.loads(v) for v in encode_predictions(models, rows, CLASSES)]
+    values = [json.loads(v) for v in encode_predictions(models, rows, CLASSES).to_pylist()]
     for name, model in (("logreg", models[0]), ("tree", models[1])):
         labels = model.estimator.predict(rows)
         proba = positive_proba(model.estimator, rows)
@@ -88,7 +88,7 @@ def test_several_models_champion_on_top(rows_and_models):
 def test_class_names_come_from_the_classes_tuple(rows_and_models):
     rows, (logreg, _) = rows_and_models
     odd = ('no "finding"', "finding é")  # quotes and non-ASCII survive JSON encoding
-    values = [json.loads(v) for v in encode_predictions([logreg], rows, odd)]
+    values = [json.loads(v) for v in encode_predictions([logreg], rows, odd).to_pylist()]
     assert {v["class"] for v in values} == set(odd)
     for value in values:
         assert value["class"] == odd[value["label"]]

@@ -190,7 +190,7 @@ def test_versions_are_sanitised_and_values_are_json_whatever_the_class_names():
         pd.DataFrame({"f": [1.0, 2.0]}),
         ('neg"ative', "pos\\itive\n"),
     )
-    decoded = [json.loads(v) for v in values]
+    decoded = [json.loads(v) for v in values.to_pylist()]
     assert [d["class"] for d in decoded] == ['neg"ative', "pos\\itive\n"]
     assert decoded[0]["model"] == 'evil"}, "x": {"'
 

@@ -11,13 +11,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchscore.config import Settings
 from batchscore.data import InputError, iter_frames, to_feature_frame
-from batchscore.keys import id_keys, row_keys
+from batchscore.keys import first_occurrences, hash_rows, id_keys
 from batchscore.models import load_model
 from batchscore.online import OnlineStore
 from batchscore.scoring import LoadedModel, encode_predictions
@@ -133,12 +132,12 @@ def score_shard(
     id_column = settings.id_column
     clock.lap("read")
     if id_column and id_column in table.column_names:
-        keys = table.column(id_column).to_pylist()
+        keys = table.column(id_column).combine_chunks()
     else:
-        keys = row_keys(features.to_numpy())
-    first = ~pd.Index(keys).duplicated(keep="first")
-    if not first.all():
-        keys = [k for k, keep in zip(keys, first, strict=True) if keep]
+        keys = hash_rows(features.to_numpy())
+    first = first_occurrences(keys)
+    if first is not None:
+        keys = keys.filter(first)
         features = features.loc[first].reset_index(drop=True)
     clock.lap("key")
     values = encode_predictions(bundle.models, features, bundle.classes)

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchscore.data import InputError
 
 _BLOCK_ROWS = 8_192
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
 def feature_bytes(features: np.ndarray) -> np.ndarray:
@@ -32,19 +35,45 @@ def feature_bytes(features: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix + 0.0, dtype="<f8")
 
 
-def row_keys(features: np.ndarray | pd.DataFrame) -> list[str]:
-    """One hex key per row; the features must already be in training order."""
+def hash_rows(features: np.ndarray | pd.DataFrame) -> pa.StringArray:
+    """One hex key per row, as an Arrow array: the batch path never makes a str per key.
+
+    The features must already be in training order. Hashing is one hashlib call per row
+    (the floor for SHA-256 from Python); everything around it is vectorised.
+    """
     matrix = feature_bytes(np.asarray(features))
-    sha256 = hashlib.sha256
     if matrix.shape[1] == 0:
         raise ValueError("rows without feature columns cannot be keyed")
+    sha256 = hashlib.sha256
     # Each row as one bytes object straight from the contiguous matrix, a block at a time
     # so that the row copies stay small whatever the number of rows.
     rows = matrix.view(np.dtype((np.void, matrix.shape[1] * 8))).ravel()
-    keys: list[str] = []
+    digests = np.empty((len(rows), 32), dtype=np.uint8)
     for first in range(0, len(rows), _BLOCK_ROWS):
-        keys += [sha256(row).hexdigest() for row in rows[first : first + _BLOCK_ROWS].tolist()]
-    return keys
+        block = rows[first : first + _BLOCK_ROWS].tolist()
+        joined = b"".join([sha256(row).digest() for row in block])
+        digests[first : first + len(block)] = np.frombuffer(joined, np.uint8).reshape(-1, 32)
+    hexed = np.empty((len(rows), 64), dtype=np.uint8)
+    hexed[:, 0::2] = _HEX[digests >> 4]
+    hexed[:, 1::2] = _HEX[digests & 15]
+    offsets = np.arange(0, 64 * len(rows) + 1, 64, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets), pa.py_buffer(hexed))
+
+
+def row_keys(features: np.ndarray | pd.DataFrame) -> list[str]:
+    """One hex key per row; the features must already be in training order."""
+    return hash_rows(features).to_pylist()
+
+
+def first_occurrences(keys: pa.Array) -> np.ndarray | None:
+    """Mask of each key's first row, or None when no key repeats (the usual case)."""
+    unique = pc.unique(keys)
+    if len(unique) == len(keys):
+        return None
+    codes = pc.index_in(keys, value_set=unique).to_numpy()
+    mask = np.zeros(len(keys), dtype=bool)
+    mask[np.unique(codes, return_index=True)[1]] = True
+    return mask
 
 
 def row_key(values: Sequence[float]) -> str:
