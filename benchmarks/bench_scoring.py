@@ -49,6 +49,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchscore.batch import ModelBundle, plan_shards, score_shard, stage
@@ -64,7 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("tree", "svc", "knn", "logreg")
 PROJECT_PREFIX = "benchproj"
 NAIVE_PREFIX = "benchnaive"
-TTL_DAYS = 30.0  # the flow's default `ttl_days`
+TTL_DAYS = 0.0  # the flow's default `ttl_days`: no TTL, keys retired by newer versions
+OPT_IN_TTL = 30 * 86_400  # `--ttl_days 30`: every key written with SET ... EX
 MIB = 1024 * 1024
 
 
@@ -393,8 +395,9 @@ def flush(redis_url: str) -> None:
 def redis_benchmark(redis_url: str, value_bytes: int, key_bytes: int) -> dict[str, float] | None:
     """redis-benchmark's pipelined SET rate (-P 64, its default 50 clients) on this server.
 
-    `default`: its defaults (3-byte value, one key). `plain`: our value size, random keys.
-    `same`: the very command the write stage sends, SET key value EX ttl, same sizes.
+    `default`: its defaults (3-byte value, one key). `plain`: SET with our key and value
+    sizes, random keys (what the default MSET write is held to). `same`: the command the
+    opt-in TTL write sends, SET key value EX ttl, same sizes.
     """
     exe = shutil.which("redis-benchmark")
     if exe is None:
@@ -409,8 +412,8 @@ def redis_benchmark(redis_url: str, value_bytes: int, key_bytes: int) -> dict[st
     value = "v" * value_bytes
     variants = {
         "default": ["-t", "set", "-n", "2000000"],
-        "plain": ["-t", "set", "-d", str(value_bytes), *many],
-        "same": [*many, "SET", key, value, "EX", str(ttl_seconds(TTL_DAYS))],
+        "plain": [*many, "SET", key, value],
+        "same": [*many, "SET", key, value, "EX", str(OPT_IN_TTL)],
     }
     rates = {}
     for name, extra in variants.items():
@@ -433,7 +436,7 @@ def write_alone(
     version = new_version("BenchFlow/write")
     rates: dict[str, dict[int, float]] = {"ttl": {}, "no_ttl": {}}
     for chunk in chunks:
-        for mode, ttl in (("ttl", ttl_seconds(TTL_DAYS)), ("no_ttl", None)):
+        for mode, ttl in (("ttl", OPT_IN_TTL), ("no_ttl", None)):
             runs = []
             for _ in range(5):
                 flush(settings.redis_url)
@@ -444,7 +447,7 @@ def write_alone(
     flush(settings.redis_url)
     return {
         "rates": rates,
-        "value_bytes": int(np.median([len(v) for v in values])),
+        "value_bytes": int(np.median(pc.binary_length(values).to_numpy())),
         "key_bytes": len(online.key(version, keys[0])),
         "keys": len(keys),
     }

@@ -25,7 +25,12 @@ class BatchProcessingFlow(FlowSpec):
     )
     models = Parameter("models", default="champion", help="`champion`, or `all` to add every model")
     shard_rows = Parameter("shard_rows", default=100_000, type=int, help="rows per parallel shard")
-    ttl_days = Parameter("ttl_days", default=30.0, type=float, help="key lifetime; 0 = no expiry")
+    ttl_days = Parameter(
+        "ttl_days",
+        default=0.0,
+        type=float,
+        help="key lifetime in days; 0 (default): keys live until a newer version retires them",
+    )
 
     @step
     def start(self):

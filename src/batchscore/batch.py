@@ -94,7 +94,9 @@ def plan_shards(
                 ids = id_keys(frame[id_column], input_uri, id_column, first_row=rows + 1)
                 table = table.append_column(id_column, pa.array(ids, pa.string()))
             buffer = io.BytesIO()
-            pq.write_table(table, buffer)
+            # Scratch read once, by this run: plain pages write ~4x faster than snappy with
+            # dictionaries, and row-key floats barely compress anyway.
+            pq.write_table(table, buffer, compression="none", use_dictionary=False)
             key = f"{folder}/part-{len(shards):05d}.parquet"
             shards.append(store.put_bytes(key, buffer.getvalue()))
             rows += len(frame)

@@ -4,6 +4,7 @@ Layout (the Redis contract):
     {prefix}:{version}:{row_key}  -> the row's prediction (JSON)
     {prefix}:current              -> the version readers use
     {prefix}:versions             -> sorted set of published versions (score: publish time)
+    {prefix}:staged               -> sorted set of versions being written (score: stage time)
     {prefix}:manifest:{version}   -> hash: per-shard counts, model, status, timestamps
 
 A run writes its rows under a fresh version that nobody reads yet, counts them, and only
@@ -45,7 +46,7 @@ KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses 
 
 # Publish: every shard counted, never backwards, then switch (re-publishing the current
 # version is a no-op that reports success, so a resumed step is safe). KEYS: pointer, manifest,
-# versions. ARGV: version, expected keys, expected shards, now.
+# versions, staged. ARGV: version, expected keys, expected shards, now.
 _PUBLISH = """
 local fields = redis.call('HGETALL', KEYS[2])
 local written, shards = 0, 0
@@ -68,6 +69,7 @@ if current and current > ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HSET', KEYS[2], 'status', 'current', 'published_at', ARGV[4])
 return 1
 """
@@ -189,6 +191,7 @@ class OnlineStore:
         self.prefix = prefix
         self.pointer = f"{prefix}:current"
         self.versions = f"{prefix}:versions"
+        self.staged = f"{prefix}:staged"
         self._publish = client.register_script(_PUBLISH)
         self._lookup = client.register_script(_LOOKUP)
 
@@ -209,6 +212,8 @@ class OnlineStore:
         fields = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.manifest(version), mapping={**fields, "status": "staged"})
+        # Registered so that `retire` finds abandoned versions without scanning the keyspace.
+        pipe.zadd(self.staged, {version: time.time()})
         if ttl_seconds:
             pipe.expire(self.manifest(version), ttl_seconds)
         pipe.execute()
@@ -270,7 +275,7 @@ class OnlineStore:
         """Switch `current` to `version` if every shard landed; False if a newer one is live."""
         try:
             moved = self._publish(
-                keys=[self.pointer, self.manifest(version), self.versions],
+                keys=[self.pointer, self.manifest(version), self.versions, self.staged],
                 args=[version, expected_keys, expected_shards, f"{time.time():.6f}"],
             )
         except redis.ResponseError as exc:
@@ -280,20 +285,15 @@ class OnlineStore:
     def retire(self, keep: int = KEEP_VERSIONS) -> list[str]:
         """Delete versions no reader needs: published ones beyond the newest `keep`, and
         staged ones older than `current` (they can never be published). UNLINK frees
-        memory in the background, SCAN walks the keyspace in small steps: Redis keeps
-        serving while this runs."""
+        memory in the background, SCAN walks the keyspace in steps: Redis keeps serving
+        while this runs, and with nothing to retire no key is scanned at all."""
         current = self.current()
         if current is None:
             return []
         published = [v.decode() for v in self.client.zrevrange(self.versions, 0, -1)]
         doomed = [v for v in published[keep:] if v != current]
-        for manifest in self.client.scan_iter(
-            match=_glob_escape(f"{self.prefix}:manifest:") + "*", count=SCAN_COUNT
-        ):
-            version = manifest.decode().split(":", 2)[2]
-            status = self.client.hget(manifest, "status")
-            if status == b"staged" and version < current:
-                doomed.append(version)
+        staged = (v.decode() for v in self.client.zrange(self.staged, 0, -1))
+        doomed += [v for v in staged if v < current]
         for version in doomed:
             self.discard(version)
         return doomed
@@ -314,6 +314,7 @@ class OnlineStore:
             removed += self.client.unlink(*batch)
         self.client.unlink(self.manifest(version))
         self.client.zrem(self.versions, version)
+        self.client.zrem(self.staged, version)
         return removed
 
     # ------------------------------------------------------------------ reading
