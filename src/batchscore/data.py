@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -175,13 +176,13 @@ def local_file(source: str, settings: Settings | None = None) -> Iterator[Path]:
     yield path
 
 
-def iter_frames(
+def iter_tables(
     source: str,
     settings: Settings | None = None,
     batch_rows: int = 100_000,
     numeric_columns: Sequence[str] = (),
-) -> Iterator[pd.DataFrame]:
-    """The table in DataFrames of at most `batch_rows` rows, whatever its format and place.
+) -> Iterator[pa.Table]:
+    """The table in Arrow tables of at most `batch_rows` rows, whatever its format and place.
 
     `numeric_columns` are parsed as float64 (correctly rounded, so row keys match any
     client's); a value that is not a number raises an `InputError` naming column and row.
@@ -195,9 +196,20 @@ def iter_frames(
         if kind == "csv" and b"\0" in head and not str(path).endswith(".gz"):
             raise InputError(f"{source}: not a CSV or Parquet file (binary content)")
         if kind == "parquet":
-            yield from _parquet_frames(path, source, batch_rows)
+            yield from _parquet_tables(path, source, batch_rows)
         else:
-            yield from _csv_frames(path, source, batch_rows, numeric_columns)
+            yield from _csv_tables(path, source, batch_rows, numeric_columns)
+
+
+def iter_frames(
+    source: str,
+    settings: Settings | None = None,
+    batch_rows: int = 100_000,
+    numeric_columns: Sequence[str] = (),
+) -> Iterator[pd.DataFrame]:
+    """`iter_tables`, as DataFrames."""
+    for table in iter_tables(source, settings, batch_rows, numeric_columns):
+        yield table.to_pandas()
 
 
 def read_frame(source: str, settings: Settings | None = None) -> pd.DataFrame:
@@ -208,22 +220,22 @@ def read_frame(source: str, settings: Settings | None = None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def _parquet_frames(path: Path, source: str, batch_rows: int) -> Iterator[pd.DataFrame]:
+def _parquet_tables(path: Path, source: str, batch_rows: int) -> Iterator[pa.Table]:
     try:
         # pre_buffer=False: row groups already read are not kept, so memory follows the batch.
         parquet = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{source}: not a readable Parquet file: {exc}") from exc
     for batch in parquet.iter_batches(batch_size=batch_rows):
-        yield batch.to_pandas()
+        yield pa.Table.from_batches([batch])
 
 
 _ARROW_CELL_ERROR = re.compile(r"column #(\d+): Row #(\d+): (.*)", re.DOTALL)
 
 
-def _csv_frames(
+def _csv_tables(
     path: Path, source: str, batch_rows: int, numeric_columns: Sequence[str]
-) -> Iterator[pd.DataFrame]:
+) -> Iterator[pa.Table]:
     convert = pacsv.ConvertOptions(column_types={c: pa.float64() for c in numeric_columns})
     try:
         reader = pacsv.open_csv(
@@ -237,7 +249,7 @@ def _csv_frames(
         located = _locate_bad_number(path, source, numeric_columns)
         raise (located or InputError(f"{source}: not a readable CSV file: {exc}")) from exc
     columns = reader.schema.names
-    pending: list[pd.DataFrame] = []
+    pending: list[pa.RecordBatch] = []
     pending_rows = 0
     while True:
         try:
@@ -247,15 +259,15 @@ def _csv_frames(
         except pa.ArrowInvalid as exc:
             located = _locate_bad_number(path, source, numeric_columns)
             raise (located or _csv_cell_error(exc, source, columns)) from exc
-        pending.append(batch.to_pandas())
+        pending.append(batch)
         pending_rows += batch.num_rows
         while pending_rows >= batch_rows:
-            frame = pd.concat(pending, ignore_index=True)
-            yield frame.iloc[:batch_rows].reset_index(drop=True)
-            rest = frame.iloc[batch_rows:].reset_index(drop=True)
-            pending, pending_rows = [rest], len(rest)
+            table = pa.Table.from_batches(pending, reader.schema)
+            yield table.slice(0, batch_rows).combine_chunks()
+            rest = table.slice(batch_rows)
+            pending, pending_rows = rest.to_batches(), rest.num_rows
     if pending_rows:
-        yield pd.concat(pending, ignore_index=True)
+        yield pa.Table.from_batches(pending, reader.schema).combine_chunks()
 
 
 def _locate_bad_number(
@@ -331,6 +343,24 @@ def _csv_cell_error(exc: pa.ArrowInvalid, source: str, columns: list[str]) -> In
 # ----------------------------------------------------------------------- schema check
 
 
+def _check_columns(
+    columns: Sequence[str],
+    feature_columns: Sequence[str],
+    source: str,
+    first_row: int,
+    allowed_extra: Sequence[str],
+) -> None:
+    missing = [c for c in feature_columns if c not in columns]
+    if missing:
+        raise InputError(
+            f"{source}: missing feature column(s) {missing}; the model needs "
+            f"{len(feature_columns)} columns: {list(feature_columns)}"
+        )
+    extra = [c for c in columns if c not in feature_columns and c not in allowed_extra]
+    if extra and first_row == 1:
+        log.warning("%s: ignoring column(s) the model does not use: %s", source, extra)
+
+
 def to_feature_frame(
     frame: pd.DataFrame,
     feature_columns: Sequence[str],
@@ -343,15 +373,7 @@ def to_feature_frame(
     Columns beyond the features (and `allowed_extra`, such as the id column) are ignored
     with a warning: a scoring table often carries labels or metadata beside its features.
     """
-    missing = [c for c in feature_columns if c not in frame.columns]
-    if missing:
-        raise InputError(
-            f"{source}: missing feature column(s) {missing}; the model needs "
-            f"{len(feature_columns)} columns: {list(feature_columns)}"
-        )
-    extra = [c for c in frame.columns if c not in feature_columns and c not in allowed_extra]
-    if extra and first_row == 1:
-        log.warning("%s: ignoring column(s) the model does not use: %s", source, extra)
+    _check_columns(list(frame.columns), feature_columns, source, first_row, allowed_extra)
     features = frame.loc[:, list(feature_columns)]
     for column in feature_columns:
         values = features[column]
@@ -374,3 +396,36 @@ def to_feature_frame(
             f"{matrix[row, col]} is not a finite number (rows with NaN or inf are rejected)"
         )
     return pd.DataFrame(matrix, columns=list(feature_columns), index=frame.index)
+
+
+def to_feature_table(
+    table: pa.Table,
+    feature_columns: Sequence[str],
+    source: str,
+    first_row: int = 1,
+    allowed_extra: Sequence[str] = (),
+) -> pa.Table:
+    """`to_feature_frame` for Arrow tables: the same checks and errors, without the copies
+    into and out of pandas when every feature column is already numeric (the usual case)."""
+    _check_columns(table.column_names, feature_columns, source, first_row, allowed_extra)
+    columns = [table.column(name) for name in feature_columns]
+    if not all(pa.types.is_integer(c.type) or pa.types.is_floating(c.type) for c in columns):
+        features = table.select(list(feature_columns)).to_pandas()
+        frame = to_feature_frame(features, feature_columns, source, first_row)
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    # Like pandas, integers beyond 2**53 round to the nearest float64.
+    columns = [pc.cast(c, pa.float64(), safe=False).combine_chunks() for c in columns]
+    first_bad: tuple[int, int] | None = None
+    for index, column in enumerate(columns):
+        bad = np.flatnonzero(~np.isfinite(column.to_numpy(zero_copy_only=False)))
+        if len(bad) and (first_bad is None or bad[0] < first_bad[0]):
+            first_bad = (int(bad[0]), index)
+    if first_bad is not None:
+        row, index = first_bad
+        value = columns[index][row].as_py()
+        raise InputError(
+            f"{source}: column {feature_columns[index]!r}, row {first_row + row}: "
+            f"{float('nan') if value is None else value} is not a finite number "
+            "(rows with NaN or inf are rejected)"
+        )
+    return pa.table(dict(zip(feature_columns, columns, strict=True)))
