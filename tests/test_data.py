@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from batchscore import data
@@ -333,3 +334,41 @@ def test_csv_with_bom_and_crlf(tmp_path):
         [1.5, 2.0],
         [3.0, 4.0],
     ]
+
+
+# to_feature_table: the Arrow twin that plan_shards uses, held to the same contract.
+
+
+def test_feature_table_matches_feature_frame():
+    frame = pd.DataFrame({"c": [3.0, -0.0], "extra": ["x", "y"], "a": [1, 4], "b": [2.0, 5.0]})
+    table = data.to_feature_table(pa.Table.from_pandas(frame), COLUMNS, "rows.parquet")
+    assert table.column_names == COLUMNS
+    assert all(t == pa.float64() for t in table.schema.types)
+    expected = to_feature_frame(frame, COLUMNS, "rows.parquet")
+    np.testing.assert_array_equal(table.to_pandas().to_numpy(), expected.to_numpy())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_feature_table_names_the_first_bad_row_and_column(bad):
+    columns = {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0], "c": [1.0, 2.0, 3.0]}
+    columns["c"][1] = bad  # row 2, column c ...
+    columns["a"][2] = np.nan  # ... comes before row 3, column a
+    table = pa.table(columns)
+    with pytest.raises(InputError, match=r"rows.parquet: column 'c', row 12: .*not a finite"):
+        data.to_feature_table(table, COLUMNS, "rows.parquet", first_row=11)
+
+
+def test_feature_table_text_columns_get_the_frame_checks():
+    table = pa.table({"a": [1.0, 2.0, 3.0], "b": ["1.5", "2.5", "abc"], "c": [0.0] * 3})
+    with pytest.raises(InputError, match=r"rows.csv: column 'b', row 3: 'abc' is not a number"):
+        data.to_feature_table(table, COLUMNS, "rows.csv")
+    good = pa.table({"a": ["1.5", "2"], "b": [1, 2], "c": [0.5, 0.25]})
+    assert data.to_feature_table(good, COLUMNS, "x").to_pandas().to_numpy().tolist() == [
+        [1.5, 1.0, 0.5],
+        [2.0, 2.0, 0.25],
+    ]
+
+
+def test_feature_table_missing_column_is_named():
+    with pytest.raises(InputError, match=r"missing feature column\(s\) \['b'\]"):
+        data.to_feature_table(pa.table({"a": [1.0], "c": [3.0]}), COLUMNS, "rows.csv")

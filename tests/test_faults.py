@@ -100,6 +100,32 @@ def test_a_dropped_connection_is_retried_and_every_key_lands(
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("ttl", [None, 3600])
+def test_a_drop_with_chunks_in_flight_resends_them_all(
+    redis_client, redis_proxy, settings_for, ttl
+):
+    # Small chunks, many in flight when the connection drops: every unacknowledged chunk
+    # is resent, every key lands once, and the shard is counted once.
+    proxy, url = redis_proxy
+    through = online_at(url, settings_for)
+    version = new_version("run-1")
+    through.stage(version, {"model": "m"})
+    proxy.fail_after(40_000)
+    threading.Timer(0.3, proxy.restore).start()
+    keys = [f"row{i}" for i in range(6_000)]
+    with through.writer(version, 0, ttl, chunk=100) as writer:
+        for start in range(0, 6_000, 1_000):
+            block = keys[start : start + 1_000]
+            writer.write(block, [f'{{"i":{start + i}}}' for i in range(len(block))])
+    assert writer.landed == writer.sent == 6_000
+    assert redis_client.hget(f"{PREFIX}:manifest:{version}", "shard:0") == b"6000"
+    assert through.publish(version, 6_000, 1)
+    assert [v["i"] for v in through.get_many(keys)] == list(range(6_000))
+    expected_ttl = -1 if ttl is None else ttl
+    assert redis_client.ttl(f"{PREFIX}:{version}:row5999") in (expected_ttl, expected_ttl - 1)
+
+
+@pytest.mark.services
 def test_an_incomplete_version_is_never_published(redis_client):
     store = OnlineStore(redis_client, PREFIX)
     v1 = new_version("run-1", datetime.now(UTC) - timedelta(minutes=1))

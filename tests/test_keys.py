@@ -7,10 +7,18 @@ import struct
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from batchscore.data import InputError
-from batchscore.keys import feature_bytes, id_keys, row_key, row_keys
+from batchscore.keys import (
+    feature_bytes,
+    first_occurrences,
+    hash_rows,
+    id_keys,
+    row_key,
+    row_keys,
+)
 
 # hex(SHA-256(float64 little-endian of each value, concatenated)): written out literally so
 # that a change of the contract (byte order, width, separator, rounding) fails this test.
@@ -94,3 +102,18 @@ def test_id_keys_reject_unusable_ids_naming_the_row(bad):
     with pytest.raises(InputError, match=r"rows.csv: column 'customer', row 3") as info:
         id_keys(ids, "rows.csv", "customer")
     assert "id" in str(info.value)
+
+
+def test_hash_rows_is_row_keys_as_an_arrow_array():
+    matrix = np.random.default_rng(3).normal(size=(20_000, 4))
+    keys = hash_rows(matrix)
+    assert keys.type == pa.string()
+    expected = [hashlib.sha256(r.astype("<f8").tobytes()).hexdigest() for r in matrix]
+    assert keys.to_pylist() == expected
+    assert len(hash_rows(np.empty((0, 4)))) == 0
+
+
+def test_first_occurrences_marks_each_keys_first_row():
+    assert first_occurrences(pa.array(["a", "b", "c"])) is None
+    mask = first_occurrences(pa.array(["a", "b", "a", "c", "b", "a"]))
+    assert mask.tolist() == [True, True, False, True, False, False]

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import redis
 
@@ -288,3 +289,40 @@ def test_status_reports_keys_and_model(store):
     assert 0 <= status["age_seconds"] < 60
     assert "feature_columns" not in status
     assert not any(k.startswith("shard:") for k in status)
+
+
+def test_writer_streams_blocks_and_counts_the_shard_once(store, redis_client):
+    version = _version(0)
+    store.stage(version, {"model": "m"})
+    with store.writer(version, 3, chunk=7) as writer:
+        for block in range(4):
+            keys = [f"b{block}r{i}" for i in range(25)]
+            writer.write(pa.array(keys), pa.array([_value(block % 2)] * 25))
+        # Nothing is counted until the writer closes cleanly.
+        assert redis_client.hget(f"t:manifest:{version}", "shard:3") is None
+    assert writer.landed == 100
+    assert redis_client.hget(f"t:manifest:{version}", "shard:3") == b"100"
+    assert store.publish(version, 100, 1)
+    assert store.get("b3r24")["label"] == 1
+
+
+def test_a_writer_that_fails_midway_is_never_counted(store, redis_client):
+    version = _version(0)
+    store.stage(version, {"model": "m"})
+    with pytest.raises(RuntimeError, match="scoring failed"), store.writer(version, 0) as writer:
+        writer.write(["k1"], [_value(1)])
+        raise RuntimeError("scoring failed")
+    assert redis_client.hget(f"t:manifest:{version}", "shard:0") is None
+    with pytest.raises(RuntimeError, match="context manager"):
+        store.writer(version, 1).write(["k"], ["{}"])
+
+
+def test_values_are_sent_with_their_utf8_byte_length(store, redis_client):
+    version = _version(0)
+    store.stage(version, {"model": "m"})
+    text = json.dumps({"class": "très malin ✓"}, ensure_ascii=False)
+    for ttl in (None, 60):
+        assert store.write(version, 0, ["k\u00e9"], [text], ttl) == 1
+        assert redis_client.get(f"t:{version}:k\u00e9").decode() == text
+    with pytest.raises(ValueError, match="without nulls"):
+        store.write(version, 0, pa.array(["a", None]), ["x", "y"])

@@ -92,3 +92,23 @@ def test_class_names_come_from_the_classes_tuple(rows_and_models):
     assert {v["class"] for v in values} == set(odd)
     for value in values:
         assert value["class"] == odd[value["label"]]
+
+
+def test_a_nan_probability_is_refused_not_written_as_invalid_json(rows_and_models):
+    rows, _ = rows_and_models
+
+    class Broken:
+        classes_ = np.array([0, 1])
+
+        def predict_proba(self, x):
+            return np.column_stack([np.full(len(x), np.nan), np.full(len(x), np.nan)])
+
+    with pytest.raises(ValueError, match="'broken' returned a probability that is NaN"):
+        encode_predictions([LoadedModel("broken", Broken(), "0" * 64)], rows, CLASSES)
+
+
+def test_probabilities_keep_six_decimals_in_their_shortest_form(rows_and_models):
+    rows, (logreg, _) = rows_and_models
+    value = encode_predictions([logreg], rows.iloc[:1], CLASSES)[0].as_py()
+    proba = positive_proba(logreg.estimator, rows.iloc[:1])[0]
+    assert f'"proba":{round(float(proba), 6)!r}' in value

@@ -23,6 +23,8 @@ from batchscore.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+SCORE_BLOCK_ROWS = 20_000  # rows per predict call and Redis hand-off inside a shard
+
 
 @dataclass(frozen=True)
 class ModelBundle:
@@ -143,11 +145,17 @@ def score_shard(
         keys = keys.filter(first)
         features = features.loc[first].reset_index(drop=True)
     clock.lap("key")
-    values = encode_predictions(bundle.models, features, bundle.classes)
-    clock.lap("predict")
     online = online or OnlineStore.from_settings(settings)
-    written = online.write(version, shard, keys, values, ttl_seconds)
+    # Scored and sent a block at a time: Redis stores one block while the next is scored.
+    with online.writer(version, shard, ttl_seconds) as writer:
+        for start in range(0, len(keys), SCORE_BLOCK_ROWS):
+            block = features.iloc[start : start + SCORE_BLOCK_ROWS]
+            values = encode_predictions(bundle.models, block, bundle.classes)
+            clock.lap("predict")
+            writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
+            clock.lap("write")
     clock.lap("write")
+    written = writer.landed
     duplicates = table.num_rows - len(keys)
     if duplicates:
         log.warning("shard %s: %d duplicate rows written once", shard, duplicates)

@@ -17,12 +17,14 @@ import json
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -158,18 +160,6 @@ def _commands(base: str, keys: pa.StringArray, values: pa.StringArray, ttl: int 
     return pc.binary_join_element_wise(*parts, "")
 
 
-def _send(connection: redis.Connection, payload: list[Any], replies: int) -> int:
-    """Send one chunk, read its replies; how many were OK."""
-    connection.send_packed_command(payload)
-    ok = 0
-    for _ in range(replies):
-        try:
-            ok += connection.read_response() in (b"OK", "OK")
-        except redis.ResponseError as exc:  # read on, so the connection stays in step
-            log.warning("Redis refused a write: %s", exc)
-    return ok
-
-
 def ttl_seconds(days: float) -> int | None:
     """Key lifetime from the flow's `ttl_days`; 0 keeps keys until a newer version retires them."""
     if days < 0:
@@ -218,6 +208,16 @@ class OnlineStore:
             pipe.expire(self.manifest(version), ttl_seconds)
         pipe.execute()
 
+    def writer(
+        self,
+        version: str,
+        shard: str | int,
+        ttl_seconds: int | None = None,
+        chunk: int = WRITE_CHUNK,
+    ) -> ShardWriter:
+        """A streaming writer for one shard: feed it rows as they are scored."""
+        return ShardWriter(self, version, shard, ttl_seconds, chunk)
+
     def write(
         self,
         version: str,
@@ -227,49 +227,10 @@ class OnlineStore:
         ttl_seconds: int | None = None,
         chunk: int = WRITE_CHUNK,
     ) -> int:
-        """Write one shard's rows under `version`; returns how many keys Redis acknowledged.
-
-        Without a TTL a chunk is one MSET (one reply); with one it is a run of
-        `SET name value EX ttl`, about half as fast on the server. Either way the chunk's
-        RESP bytes come straight out of an Arrow buffer, go out without MULTI in one
-        round trip, and a chunk cut by a dropped connection is resent whole (both commands
-        are idempotent) under the client's retry policy. The shard's count is recorded
-        last, so a shard that died midway is never counted.
-        """
-        keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
-        if len(keys) != len(texts):
-            raise ValueError(f"{len(keys)} keys but {len(texts)} values")
-        base = f"{self.prefix}:{version}:"
-        pool = self.client.connection_pool
-        connection = pool.get_connection()
-        landed = 0
-        try:
-            for block in range(0, len(keys), _BLOCK_ROWS):
-                commands = _commands(
-                    base,
-                    keys.slice(block, _BLOCK_ROWS),
-                    texts.slice(block, _BLOCK_ROWS),
-                    ttl_seconds,
-                )
-                offsets = np.frombuffer(commands.buffers()[1], np.int32)
-                data = memoryview(commands.buffers()[2] or b"")
-                for start in range(0, len(commands), chunk):
-                    stop = min(start + chunk, len(commands))
-                    payload = [data[offsets[start] : offsets[stop]]]
-                    if not ttl_seconds:
-                        mset = f"*{2 * (stop - start) + 1}\r\n$4\r\nMSET\r\n".encode()
-                        payload.insert(0, mset)
-                    acknowledged = connection.retry.call_with_retry(
-                        partial(_send, connection, payload, stop - start if ttl_seconds else 1),
-                        lambda _error: connection.disconnect(),
-                    )
-                    landed += acknowledged if ttl_seconds else acknowledged * (stop - start)
-        finally:
-            pool.release(connection)
-        if landed != len(keys):
-            raise PublishError(f"shard {shard}: Redis acknowledged {landed} of {len(keys)}")
-        self.client.hset(self.manifest(version), f"shard:{shard}", landed)
-        return landed
+        """Write one shard's rows under `version`; returns how many keys Redis acknowledged."""
+        with self.writer(version, shard, ttl_seconds, chunk) as writer:
+            writer.write(row_keys, values)
+        return writer.landed
 
     def publish(self, version: str, expected_keys: int, expected_shards: int) -> bool:
         """Switch `current` to `version` if every shard landed; False if a newer one is live."""
@@ -333,7 +294,7 @@ class OnlineStore:
         reply = self._lookup(keys=[self.pointer], args=[self.prefix, *keys])
         if not reply or reply[0] is None:
             return [None] * len(keys)
-        return [json.loads(v) if v is not None else None for v in reply[1:]]
+        return [orjson.loads(v) if v is not None else None for v in reply[1:]]
 
     def lookup_rows(
         self, features: pd.DataFrame, feature_columns: Sequence[str] | None = None
@@ -378,3 +339,122 @@ class OnlineStore:
             "age_seconds": time.time() - published_at,
             **info,
         }
+
+
+class ShardWriter:
+    """Streams one shard's rows into a staged version, batch-first.
+
+    Without a TTL a chunk is one MSET (one reply); with one it is a run of
+    `SET name value EX ttl`, about half as fast on the server. A chunk's RESP bytes come
+    straight out of an Arrow buffer and go out without MULTI; replies are read up to
+    `WINDOW` chunks behind, so Redis stores one block while the caller scores the next.
+    A dropped connection is retried under the client's policy by resending every chunk
+    not yet acknowledged (MSET and SET are idempotent). On a clean exit the writer checks
+    that every key was acknowledged and only then records the shard's count, so a shard
+    that died midway is never counted.
+    """
+
+    WINDOW = 8  # chunks in flight: enough to keep Redis busy, a few MB at most
+
+    def __init__(
+        self,
+        store: OnlineStore,
+        version: str,
+        shard: str | int,
+        ttl_seconds: int | None = None,
+        chunk: int = WRITE_CHUNK,
+    ) -> None:
+        self.store, self.version, self.shard = store, version, shard
+        self.ttl, self.chunk = ttl_seconds, chunk
+        self.base = f"{store.prefix}:{version}:"
+        self.sent = 0
+        self.landed = 0
+        self._pool = store.client.connection_pool
+        self._connection: redis.Connection | None = None
+        self._in_flight: deque[tuple[list[Any], int]] = deque()  # (payload, keys)
+        self._lost = False  # the connection dropped: resend what is in flight
+
+    def __enter__(self) -> ShardWriter:
+        self._connection = self._pool.get_connection()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        connection, self._connection = self._connection, None
+        try:
+            if kind is None:
+                while self._in_flight:
+                    self._retry(self._acknowledge_oldest, connection)
+        finally:
+            if kind is not None or self._in_flight:
+                connection.disconnect()  # unread replies must not reach the next user
+            self._pool.release(connection)
+        if kind is None:
+            self._record()
+
+    def write(self, row_keys: pa.Array | Sequence[str], values: pa.Array | Sequence[str]) -> None:
+        """Send these rows (a block of any size); replies are checked as the window moves."""
+        if self._connection is None:
+            raise RuntimeError("use the writer as a context manager: `with store.writer(...)`")
+        keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
+        if len(keys) != len(texts):
+            raise ValueError(f"{len(keys)} keys but {len(texts)} values")
+        for block in range(0, len(keys), _BLOCK_ROWS):
+            commands = _commands(
+                self.base, keys.slice(block, _BLOCK_ROWS), texts.slice(block, _BLOCK_ROWS), self.ttl
+            )
+            offsets = np.frombuffer(commands.buffers()[1], np.int32)
+            data = memoryview(commands.buffers()[2] or b"")
+            for start in range(0, len(commands), self.chunk):
+                stop = min(start + self.chunk, len(commands))
+                payload = [data[offsets[start] : offsets[stop]]]
+                if not self.ttl:
+                    payload.insert(0, f"*{2 * (stop - start) + 1}\r\n$4\r\nMSET\r\n".encode())
+                self._in_flight.append((payload, stop - start))
+                self.sent += stop - start
+                self._retry(self._send_newest, self._connection)
+                while len(self._in_flight) > self.WINDOW:
+                    self._retry(self._acknowledge_oldest, self._connection)
+
+    # ------------------------------------------------------------------ internals
+
+    def _retry(self, operation: Any, connection: redis.Connection) -> None:
+        def dropped(_error: Exception) -> None:
+            connection.disconnect()
+            self._lost = True
+
+        connection.retry.call_with_retry(partial(operation, connection), dropped)
+
+    def _replay(self, connection: redis.Connection) -> bool:
+        """After a reconnect, resend every chunk still in flight; True if it did."""
+        if not self._lost:
+            return False
+        for payload, _ in self._in_flight:
+            connection.send_packed_command(payload, check_health=False)
+        self._lost = False
+        return True
+
+    def _send_newest(self, connection: redis.Connection) -> None:
+        # Health checks stay off: a PING would read a reply that belongs to a chunk.
+        if not self._replay(connection):
+            connection.send_packed_command(self._in_flight[-1][0], check_health=False)
+
+    def _acknowledge_oldest(self, connection: redis.Connection) -> None:
+        self._replay(connection)
+        _, keys = self._in_flight[0]
+        ok = 0
+        for _ in range(keys if self.ttl else 1):
+            try:
+                ok += connection.read_response() in (b"OK", "OK")
+            except redis.ResponseError as exc:  # read on, so the connection stays in step
+                log.warning("Redis refused a write: %s", exc)
+        self._in_flight.popleft()
+        self.landed += ok if self.ttl else ok * keys
+
+    def _record(self) -> None:
+        if self.landed != self.sent:
+            raise PublishError(
+                f"shard {self.shard}: Redis acknowledged {self.landed} of {self.sent}"
+            )
+        self.store.client.hset(
+            self.store.manifest(self.version), f"shard:{self.shard}", self.landed
+        )
