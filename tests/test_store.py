@@ -55,6 +55,16 @@ def test_put_file_and_local_copy(store, tmp_path):
         assert path.name.endswith(".csv")  # readers pick the format from the suffix
 
 
+def test_put_stream_writes_what_fill_writes(store):
+    def fill(out):
+        for part in (b"arrow ", b"shard ", b"bytes"):
+            out.write(part)
+
+    uri = store.put_stream("batch/run/shards/part-00000.arrow", fill)
+    assert uri == store.uri("batch/run/shards/part-00000.arrow")
+    assert store.get_bytes(uri) == b"arrow shard bytes"
+
+
 def test_read_uri_reads_whatever_store_wrote_it(store, s3_env, settings_for):
     uri = store.put_bytes("plots/roc.png", b"\x89PNG...")
     settings = settings_for(s3_env)

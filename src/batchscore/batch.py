@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import BinaryIO
 
 import pyarrow as pa
 
@@ -92,7 +94,7 @@ def plan_shards(
                 ids = id_keys(ids, input_uri, id_column, first_row=rows + 1)
                 table = table.append_column(id_column, pa.array(ids, pa.string()))
             key = f"{folder}/part-{len(shards):05d}.arrow"
-            shards.append(store.put_bytes(key, _arrow_file(table)))
+            shards.append(store.put_stream(key, partial(_write_arrow, table)))
             rows += batch.num_rows
         if not rows:
             raise InputError(f"{input_uri}: the table has a header but no rows")
@@ -103,13 +105,11 @@ def plan_shards(
     return shards
 
 
-def _arrow_file(table: pa.Table) -> bytes:
+def _write_arrow(table: pa.Table, out: BinaryIO) -> None:
     """A shard as an Arrow IPC file: scratch that this run alone reads back, once, so the
     format with no encoding to do either way (Parquet took ~5x longer to write)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
+    with pa.ipc.new_file(out, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
 
 
 @dataclass

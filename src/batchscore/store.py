@@ -6,6 +6,7 @@ reported as full URIs, so the database can record exactly where each artifact li
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -72,6 +73,10 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes) -> str: ...
 
     @abstractmethod
+    def put_stream(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
+        """Write an object by letting `fill` write into it: no copy of it in memory first."""
+
+    @abstractmethod
     def put_file(self, key: str, path: Path) -> str: ...
 
     @abstractmethod
@@ -98,6 +103,9 @@ class LocalStore(ObjectStore):
 
     def put_bytes(self, key: str, data: bytes) -> str:
         return self._write(key, lambda out: out.write(data))
+
+    def put_stream(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
+        return self._write(key, fill)
 
     def put_file(self, key: str, path: Path) -> str:
         def copy(out: BinaryIO) -> None:
@@ -158,6 +166,16 @@ class S3Store(ObjectStore):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except Exception as exc:  # botocore raises many unrelated types
+            raise self._error("write", key, exc) from exc
+        return self.uri(key)
+
+    def put_stream(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
+        buffer = io.BytesIO()
+        fill(buffer)
+        buffer.seek(0)
+        try:
+            self.client.upload_fileobj(buffer, self.bucket, self._key(key))
+        except Exception as exc:
             raise self._error("write", key, exc) from exc
         return self.uri(key)
 
