@@ -13,6 +13,7 @@ from functools import partial
 from typing import BinaryIO
 
 import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from batchscore.config import Settings
 from batchscore.data import InputError, iter_tables, to_feature_table
@@ -147,7 +148,12 @@ def score_shard(
     clock.lap("key")
     online = online or OnlineStore.from_settings(settings)
     # Scored and sent a block at a time: Redis stores one block while the next is scored.
-    with online.writer(version, shard, ttl_seconds) as writer:
+    # Parallel tasks whose models each spread over every core spin against each other:
+    # BATCHSCORE_SCORING_THREADS caps each task's pools (unset: no cap).
+    with (
+        threadpool_limits(limits=settings.scoring_threads),
+        online.writer(version, shard, ttl_seconds) as writer,
+    ):
         for start in range(0, len(keys), SCORE_BLOCK_ROWS):
             block = features.iloc[start : start + SCORE_BLOCK_ROWS]
             values = encode_predictions(bundle.models, block, bundle.classes)
