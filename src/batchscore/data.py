@@ -361,6 +361,13 @@ def _check_columns(
         log.warning("%s: ignoring column(s) the model does not use: %s", source, extra)
 
 
+def _not_finite(source: str, column: str, row: int, value: float) -> InputError:
+    return InputError(
+        f"{source}: column {column!r}, row {row}: {value} is not a finite number "
+        "(rows with NaN or inf are rejected)"
+    )
+
+
 def to_feature_frame(
     frame: pd.DataFrame,
     feature_columns: Sequence[str],
@@ -391,10 +398,7 @@ def to_feature_frame(
     finite = np.isfinite(matrix)
     if not finite.all():
         row, col = (int(i[0]) for i in np.nonzero(~finite))
-        raise InputError(
-            f"{source}: column {feature_columns[col]!r}, row {first_row + row}: "
-            f"{matrix[row, col]} is not a finite number (rows with NaN or inf are rejected)"
-        )
+        raise _not_finite(source, feature_columns[col], first_row + row, matrix[row, col])
     return pd.DataFrame(matrix, columns=list(feature_columns), index=frame.index)
 
 
@@ -423,9 +427,6 @@ def to_feature_table(
     if first_bad is not None:
         row, index = first_bad
         value = columns[index][row].as_py()
-        raise InputError(
-            f"{source}: column {feature_columns[index]!r}, row {first_row + row}: "
-            f"{float('nan') if value is None else value} is not a finite number "
-            "(rows with NaN or inf are rejected)"
-        )
+        value = float("nan") if value is None else value
+        raise _not_finite(source, feature_columns[index], first_row + row, value)
     return pa.table(dict(zip(feature_columns, columns, strict=True)))
