@@ -107,8 +107,8 @@ def plan_shards(
 
 
 def _write_arrow(table: pa.Table, out: BinaryIO) -> None:
-    """A shard as an Arrow IPC file: scratch that this run alone reads back, once, so the
-    format with no encoding to do either way (Parquet took ~5x longer to write)."""
+    """A shard as an Arrow IPC file: scratch that only this run reads back, once, so the
+    format with nothing to encode or decode (Parquet took ~5x longer to write)."""
     with pa.ipc.new_file(out, table.schema) as writer:
         writer.write_table(table)
 
