@@ -6,7 +6,6 @@ reported as full URIs, so the database can record exactly where each artifact li
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -74,7 +73,7 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def put_stream(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
-        """Write an object by letting `fill` write into it: no copy of it in memory first."""
+        """Write an object by letting `fill` write into it, never as one bytes object in memory."""
 
     @abstractmethod
     def put_file(self, key: str, path: Path) -> str: ...
@@ -170,13 +169,15 @@ class S3Store(ObjectStore):
         return self.uri(key)
 
     def put_stream(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
-        buffer = io.BytesIO()
-        fill(buffer)
-        buffer.seek(0)
-        try:
-            self.client.upload_fileobj(buffer, self.bucket, self._key(key))
-        except Exception as exc:
-            raise self._error("write", key, exc) from exc
+        # Spooled through a temporary file, which boto3 uploads in parts: memory stays
+        # small whatever the object's size.
+        with tempfile.TemporaryFile() as spool:
+            fill(spool)
+            spool.seek(0)
+            try:
+                self.client.upload_fileobj(spool, self.bucket, self._key(key))
+            except Exception as exc:
+                raise self._error("write", key, exc) from exc
         return self.uri(key)
 
     def put_file(self, key: str, path: Path) -> str:
