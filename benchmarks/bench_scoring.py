@@ -218,7 +218,6 @@ def warm_up(bundle: ModelBundle) -> float:
         for shard in plan_shards(path.as_uri(), bundle.feature_columns, 5, "Warm/0", with_store):
             pa.ipc.open_file(pa.py_buffer(Path(urlparse(shard).path).read_bytes())).read_all()
     encode_predictions(bundle.models, frame, bundle.classes)
-    hash_rows(frame.to_numpy())
     first_occurrences(hash_rows(frame.to_numpy()))
     time.sleep(0.5)  # keeps this worker busy so that the pool starts every worker
     return peak_rss_mib()
