@@ -25,9 +25,7 @@ CLASSES = ("benign", "malignant")
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     # No developer `.env` may leak in: run from an empty folder with an explicit environment.
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")
-    } | env
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")} | env
     return subprocess.run(
         [sys.executable, "-m", "batchscore", *args],
         env=full_env,
@@ -75,8 +73,15 @@ def published(redis_client) -> tuple[str, list[str]]:
     )
     keys = row_keys(ROWS.to_numpy())
     values = [
-        json.dumps({"label": lab, "class": CLASSES[lab], "proba": 0.9 if lab else 0.1,
-                    "model": "svc", "model_version": "abcdef012345"})
+        json.dumps(
+            {
+                "label": lab,
+                "class": CLASSES[lab],
+                "proba": 0.9 if lab else 0.1,
+                "model": "svc",
+                "model_version": "abcdef012345",
+            }
+        )
         for lab in LABELS
     ]
     online.write(version, 0, keys, values)
@@ -176,8 +181,10 @@ def test_lookup_needs_keys_or_a_file(published, cli_env, tmp_path):
 
 
 def test_unreachable_redis_is_a_clear_error(tmp_path):
-    env = {"BATCHSCORE_REDIS_URL": "redis://:s3cret-pw@127.0.0.1:1/0",
-           "BATCHSCORE_HOME": str(tmp_path / "home")}
+    env = {
+        "BATCHSCORE_REDIS_URL": "redis://:s3cret-pw@127.0.0.1:1/0",
+        "BATCHSCORE_HOME": str(tmp_path / "home"),
+    }
     result = _cli(["status"], env, tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -226,8 +233,12 @@ def test_embedded_mode_shares_one_server_with_the_cli(home, settings_for, tmp_pa
     version = new_version("BatchProcessingFlow/9")
     online.stage(version, {"model": "knn", "feature_columns": COLUMNS})
     keys = row_keys(ROWS.to_numpy())
-    online.write(version, 0, keys, [json.dumps({"label": 1, "class": "malignant", "proba": 0.7,
-                                                "model": "knn"})] * 3)
+    online.write(
+        version,
+        0,
+        keys,
+        [json.dumps({"label": 1, "class": "malignant", "proba": 0.7, "model": "knn"})] * 3,
+    )
     assert online.publish(version, 3, 1)
     online.client.close()
 

@@ -24,14 +24,17 @@ def _version(minutes: int, run: str = "BatchProcessingFlow/1") -> str:
 
 
 def _value(label: int, tag: str = "v") -> str:
-    return json.dumps({"label": label, "class": "yes" if label else "no", "proba": 0.5,
-                       "model": tag})
+    return json.dumps(
+        {"label": label, "class": "yes" if label else "no", "proba": 0.5, "model": tag}
+    )
 
 
-def _publish(store: OnlineStore, version: str, rows: dict[str, str], shards: int = 1,
-             ttl: int | None = None) -> bool:
-    store.stage(version, {"model": "svc", "feature_columns": COLUMNS, "classes": ["no", "yes"]},
-                ttl)
+def _publish(
+    store: OnlineStore, version: str, rows: dict[str, str], shards: int = 1, ttl: int | None = None
+) -> bool:
+    store.stage(
+        version, {"model": "svc", "feature_columns": COLUMNS, "classes": ["no", "yes"]}, ttl
+    )
     keys = list(rows)
     parts = np.array_split(np.arange(len(keys)), shards)
     for shard, index in enumerate(parts):
