@@ -30,7 +30,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -51,6 +53,9 @@ training_runs = Table(
     Column("n_test", Integer, nullable=False),
     Column("batch_input_uri", String(1000), nullable=False),
     Column("champion", String(50)),
+    # The reference profile of the training rows, checked like a model (issue 13's gate).
+    Column("profile_uri", String(1000)),
+    Column("profile_sha256", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -83,6 +88,14 @@ batch_runs = Table(
     Column("keys_written", Integer, nullable=False),
     Column("published", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The batch report's summary: what the gate looked at and what it decided.
+    Column("rows_read", Integer),
+    Column("rows_rejected", Integer),
+    Column("duplicates", Integer),
+    Column("max_drift", Float),
+    Column("max_drift_feature", String(1000)),
+    Column("gate", String(4000)),
+    Column("report", JSON),
 )
 
 
@@ -112,6 +125,7 @@ class Tracker:
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
         with self._transaction() as conn:
             metadata.create_all(conn)
+            _add_missing_columns(conn)
 
     def record_training(
         self,
@@ -224,6 +238,22 @@ class Tracker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added since a database was created, added to it (all of them nullable).
+
+    `create_all` makes missing tables only; without this, a database from an earlier
+    release would refuse every insert that names a new column.
+    """
+    existing = inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {column["name"] for column in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                name = conn.dialect.identifier_preparer.quote(column.name)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
 
 
 def _make_sqlite_folder(url: str) -> None:
