@@ -98,6 +98,39 @@ return values
 """
 
 
+# Rollback: `current` back to the newest kept version older than it, in one step, and only
+# if `current` is still what the caller saw. KEYS: pointer, versions. ARGV: prefix,
+# expected current, now. Returns the version now current.
+_ROLLBACK = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return redis.error_reply('NOVERSION nothing is published')
+end
+if current ~= ARGV[2] then
+  return redis.error_reply('MOVED the live version changed to ' .. current .. ' meanwhile')
+end
+local older = redis.call('ZRANGE', KEYS[2], 0, -1)
+local previous = false
+for i = 1, #older do
+  if older[i] < current and (not previous or older[i] > previous) then
+    previous = older[i]
+  end
+end
+if not previous then
+  return redis.error_reply('NOPREVIOUS no published version older than ' .. current .. ' is kept')
+end
+local manifest = ARGV[1] .. ':manifest:' .. previous
+if redis.call('EXISTS', manifest) == 0 then
+  return redis.error_reply('RETIRED ' .. previous .. ' has been retired')
+end
+redis.call('SET', KEYS[1], previous)
+redis.call('HSET', manifest, 'status', 'current', 'restored_at', ARGV[3])
+redis.call('HSET', ARGV[1] .. ':manifest:' .. current, 'status', 'rolled back',
+  'rolled_back_at', ARGV[3])
+return previous
+"""
+
+
 class PublishError(RuntimeError):
     """The new version is incomplete; `current` was left where it was."""
 
@@ -184,6 +217,7 @@ class OnlineStore:
         self.staged = f"{prefix}:staged"
         self._publish = client.register_script(_PUBLISH)
         self._lookup = client.register_script(_LOOKUP)
+        self._rollback = client.register_script(_ROLLBACK)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnlineStore:
@@ -338,6 +372,38 @@ class OnlineStore:
             "published_at": published_at,
             "age_seconds": time.time() - published_at,
             **info,
+        }
+
+    # ------------------------------------------------------------------ operating
+
+    def rollback(self) -> tuple[str, str]:
+        """Readers back to the previous published version, atomically: (from, to).
+
+        Refuses when that version has been retired (its keys are gone) or when the live
+        version changed while this ran. The rolled-back version stays published (and
+        kept), so `promote` can bring it back.
+        """
+        current = self.current()
+        try:
+            restored = self._rollback(
+                keys=[self.pointer, self.versions],
+                args=[self.prefix, current or "", f"{time.time():.6f}"],
+            )
+        except redis.ResponseError as exc:
+            raise PublishError(f"rollback refused: {exc}") from exc
+        return current or "", restored.decode()
+
+    def manifests(self) -> dict[str, dict[str, str]]:
+        """Every version Redis still knows (published or staged), newest first."""
+        names = {v.decode() for v in self.client.zrange(self.versions, 0, -1)}
+        names |= {v.decode() for v in self.client.zrange(self.staged, 0, -1)}
+        pipe = self.client.pipeline(transaction=False)
+        ordered = sorted(names, reverse=True)
+        for version in ordered:
+            pipe.hgetall(self.manifest(version))
+        return {
+            version: {k.decode(): v.decode() for k, v in fields.items()}
+            for version, fields in zip(ordered, pipe.execute(), strict=True)
         }
 
 
