@@ -13,7 +13,8 @@ from sklearn.model_selection import train_test_split
 from batchscore.config import Settings
 from batchscore.data import Dataset, load_dataset
 from batchscore.evaluation import evaluate_model, figures
-from batchscore.models import TrainedModel, dump_model
+from batchscore.drift import ReferenceProfile
+from batchscore.models import TrainedModel, dump_model, positive_proba
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
 
@@ -127,6 +128,9 @@ def save_training(
             "model_sha256": sha256,
         }
     plot_uris = {file: store.put_bytes(f"plots/{folder}/{file}", png) for file, png in pngs.items()}
+    # The yardstick for the batch flow's drift gate, stored and checked like a model.
+    profile = reference_profile(trained[champion], data)
+    profile_uri = store.put_bytes(f"models/{folder}/profile.json", profile.to_json())
     run = {
         "dataset": data.dataset,
         "target": target,
@@ -136,10 +140,20 @@ def save_training(
         "n_train": len(data.train_labels),
         "n_test": len(data.test_labels),
         "batch_input_uri": data.batch_input_uri,
+        "profile_uri": profile_uri,
+        "profile_sha256": profile.sha256(),
     }
     with Tracker(settings.resolved_database_url) as tracker:
         tracker.record_training(run_id, run, rows, champion)
     return SavedTraining(champion=champion, model_uris=model_uris, plot_uris=plot_uris)
+
+
+def reference_profile(champion: TrainedModel, data: PreparedData) -> ReferenceProfile:
+    """The training features' bins and the champion's scores on the rows it learned from."""
+    scores = positive_proba(champion.estimator, data.train_features)
+    return ReferenceProfile.build(
+        data.train_features.to_numpy(), data.feature_columns, scores, champion.name
+    )
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
