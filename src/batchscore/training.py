@@ -12,8 +12,8 @@ from sklearn.model_selection import train_test_split
 
 from batchscore.config import Settings
 from batchscore.data import Dataset, load_dataset
-from batchscore.evaluation import evaluate_model, figures
 from batchscore.drift import ReferenceProfile
+from batchscore.evaluation import evaluate_model, figures
 from batchscore.models import TrainedModel, dump_model, positive_proba
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
