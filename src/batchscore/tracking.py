@@ -221,6 +221,14 @@ class Tracker:
             row = conn.execute(select(batch_runs).where(batch_runs.c.run_id == run_id)).first()
         return dict(row._mapping) if row else None
 
+    def batch_history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest batch runs, newest first: what `python -m batchscore history` lists."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(batch_runs).order_by(batch_runs.c.created_at.desc()).limit(limit)
+            ).mappings()
+            return [dict(row) for row in rows]
+
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         try:
