@@ -114,9 +114,7 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(postgres_server_url).set(database=name).render_as_string(
-            hide_password=False
-        )
+        yield make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -141,14 +139,22 @@ def redis_server_url() -> str:
 
 
 @pytest.fixture
-def redis_url(redis_server_url: str) -> Iterator[str]:
-    """The dedicated test database number, emptied before and after each test."""
+def redis_prefix() -> str:
+    """This test's own key prefix: tests share one Redis db (and may run at once, in other
+    processes or other checkouts), so each writes and cleans only under its own prefix."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str, redis_prefix: str) -> Iterator[str]:
+    """The test Redis; every key under this test's prefix is deleted afterwards."""
     import redis
 
-    client = redis.Redis.from_url(redis_server_url)
-    client.flushdb()
     yield redis_server_url
-    client.flushdb()
+    client = redis.Redis.from_url(redis_server_url)
+    names = list(client.scan_iter(match=f"{redis_prefix}*", count=5_000))
+    for first in range(0, len(names), 5_000):
+        client.unlink(*names[first : first + 5_000])
     client.close()
 
 
@@ -209,7 +215,7 @@ def s3_env(s3_endpoint: str) -> dict[str, str]:
 
 @pytest.fixture
 def service_env(
-    home: Path, postgres_url: str, redis_url: str, s3_env: dict[str, str]
+    home: Path, postgres_url: str, redis_url: str, redis_prefix: str, s3_env: dict[str, str]
 ) -> dict[str, str]:
     """Environment for service mode: real PostgreSQL and Redis, S3 on moto."""
     return {
@@ -217,6 +223,7 @@ def service_env(
         "BATCHSCORE_HOME": str(home),
         "BATCHSCORE_DATABASE_URL": postgres_url,
         "BATCHSCORE_REDIS_URL": redis_url,
+        "BATCHSCORE_REDIS_PREFIX": redis_prefix,
         "METAFLOW_DEFAULT_DATASTORE": "s3",
     }
 

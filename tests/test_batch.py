@@ -35,7 +35,7 @@ class RecordingModel:
 
 
 @pytest.fixture
-def planned(tmp_path, redis_url, settings_for):
+def planned(tmp_path, redis_url, redis_prefix, settings_for):
     rows = pd.DataFrame({"a": np.arange(1.0, 50_001.0), "b": np.full(50_000, 2.0)})
     rows.loc[49_999] = rows.loc[0]  # one duplicate row, written once
     path = tmp_path / "rows.parquet"
@@ -44,7 +44,7 @@ def planned(tmp_path, redis_url, settings_for):
         {
             "BATCHSCORE_HOME": str(tmp_path / "home"),
             "BATCHSCORE_REDIS_URL": redis_url,
-            "BATCHSCORE_REDIS_PREFIX": "batch",
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
             "BATCHSCORE_SCORING_THREADS": "1",
         }
     )
@@ -66,7 +66,7 @@ def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client):
     assert (result.rows_scored, result.keys_written, result.duplicates) == (50_000, 49_999, 1)
     assert model.calls == math.ceil(49_999 / SCORE_BLOCK_ROWS)  # scored a block at a time
     assert set(model.threads) == {1}  # BATCHSCORE_SCORING_THREADS capped every pool
-    assert redis_client.hget(f"batch:manifest:{version}", "shard:0") == b"49999"
+    assert redis_client.hget(online.manifest(version), "shard:0") == b"49999"
     assert online.publish(version, 49_999, 1)
     first, last = online.get_many(row_keys(rows.iloc[[0, 49_998]].to_numpy()))
     assert (first["label"], first["proba"]) == (0, round(1 / 3, 6))

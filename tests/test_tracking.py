@@ -111,7 +111,7 @@ def test_model_records_come_from_the_latest_run_champion_first(tracker):
     assert [r.model for r in every] == ["xgboost", "logreg"]
     assert [r.is_champion for r in every] == [True, False]
     assert {r.training_run_id for r in every} == {"TrainModelsFlow/2"}
-    assert tracker.latest_batch_input() == "file:///new.csv"
+    assert tracker.champion_batch_input() == "file:///new.csv"
 
 
 def test_model_records_rejects_unknown_selection(tracker):
@@ -123,7 +123,7 @@ def test_empty_database_says_what_to_run(tracker):
     with pytest.raises(TrackingError, match="train_models.py"):
         tracker.model_records()
     with pytest.raises(TrackingError, match="no training run"):
-        tracker.latest_batch_input()
+        tracker.champion_batch_input()
     assert tracker.batch_run("BatchProcessingFlow/1") is None
 
 
