@@ -28,7 +28,6 @@ POSTGRES_INIT = ROOT / "dockerfiles" / "postgres" / "init.sh"
 RUNNER_DOCKERFILE = ROOT / "dockerfiles" / "runner.Dockerfile"
 DOCKERFILES = sorted((ROOT / "dockerfiles").rglob("*Dockerfile*"))
 
-
 # Every variable the library and the flows read (ARCHITECTURE.md, configuration contract).
 def _settings_variables() -> tuple[str, ...]:
     """Every variable batchscore.config.Settings reads, so a new setting cannot be forgotten."""

@@ -65,17 +65,13 @@ def test_zero_division_is_zero_not_an_error():
 def test_metrics_only_keeps_the_five_metrics():
     results = {"a": evaluate_model(_threshold_model(), X, Y)}
     only = metrics_only(results)
-    assert (
-        set(only["a"])
-        == set(METRIC_NAMES)
-        == {
-            "precision",
-            "recall",
-            "f1",
-            "roc_auc",
-            "accuracy",
-        }
-    )
+    assert set(only["a"]) == set(METRIC_NAMES) == {
+        "precision",
+        "recall",
+        "f1",
+        "roc_auc",
+        "accuracy",
+    }
     assert all(isinstance(v, float) for v in only["a"].values())
 
 

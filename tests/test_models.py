@@ -131,7 +131,9 @@ def test_dump_and_load_round_trip(small_data):
     data, sha256 = dump_model(model)
     assert sha256 == hashlib.sha256(data).hexdigest()
     loaded = load_model(data, sha256, "file:///store/models/logreg.joblib")
-    np.testing.assert_array_equal(loaded.predict_proba(features), model.predict_proba(features))
+    np.testing.assert_array_equal(
+        loaded.predict_proba(features), model.predict_proba(features)
+    )
 
 
 class _CreatesFile:
