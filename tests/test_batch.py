@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 from threadpoolctl import threadpool_info
 
 from batchscore.batch import (
@@ -17,6 +18,7 @@ from batchscore.batch import (
     score_shard,
     stage,
 )
+from batchscore.data import InputError
 from batchscore.keys import row_keys
 from batchscore.online import OnlineStore, PublishError, new_version
 from batchscore.scoring import LoadedModel
@@ -179,3 +181,47 @@ def test_keys_lost_before_the_switch_keep_the_pointer_where_it_was(planned, redi
     assert online.get_many(row_keys(np.column_stack([[1.0], [3.0]])))[0]["model"] == "m"
     store = ObjectStore.from_settings(settings)
     assert all(store.exists(uri) for uri in shards)  # kept for `resume`
+
+
+# --------------------------------------------------------------------- id-keyed versions
+
+
+@pytest.mark.services
+def test_an_id_keyed_version_is_looked_up_by_id(tmp_path, redis_url, redis_prefix, settings_for):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+            "BATCHSCORE_ID_COLUMN": "customer",
+        }
+    )
+    path = tmp_path / "ids.csv"
+    path.write_text("customer,a,b\n007,1.0,3.0\n7,9.0,3.0\n")  # two ids, one number
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    version = new_version("Flow/ids")
+    shards = plan_shards(str(path), COLUMNS, 100, "Flow/ids", settings)
+    stage(version, "Flow/ids", str(path), bundle, settings)
+    results = [score_shard(0, shards[0], bundle, version, settings)]
+    assert results[0].keys_written == 2
+    assert publish("Flow/ids", version, results, str(path), bundle, settings).published
+
+    # A reader without BATCHSCORE_ID_COLUMN follows the manifest, not its own settings.
+    online = OnlineStore(redis.Redis.from_url(redis_url), redis_prefix)
+    assert online.key_scheme() == ("id", "customer")
+    assert online.get("007")["proba"] == 0.25 and online.get("7")["proba"] == 0.75
+    rows = pd.DataFrame({"customer": ["7", "007", "8"], "a": [0.0, 0.0, 0.0], "b": [1.0] * 3})
+    found = online.lookup_rows(rows)
+    assert [r and r["proba"] for r in found] == [0.75, 0.25, None]
+
+
+def test_an_id_column_missing_from_the_input_is_an_error(tmp_path, settings_for):
+    settings = settings_for(
+        {"BATCHSCORE_HOME": str(tmp_path / "home"), "BATCHSCORE_ID_COLUMN": "customer"}
+    )
+    path = tmp_path / "no-ids.csv"
+    path.write_text("a,b\n1.0,3.0\n")
+    with pytest.raises(InputError, match=r"no-ids.csv: no id column 'customer'"):
+        plan_shards(str(path), COLUMNS, 100, "Flow/1", settings)

@@ -247,3 +247,21 @@ def test_embedded_mode_shares_one_server_with_the_cli(home, settings_for, tmp_pa
     result = _cli(["lookup", keys[2]], {"BATCHSCORE_HOME": str(home)}, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _row(result.stdout, keys[2])[1:] == ["1", "malignant", "0.7000", "knn"]
+
+
+def test_lookup_rows_of_an_id_keyed_version_by_id(redis_client, redis_prefix, cli_env, tmp_path):
+    # The live version's manifest says it is keyed by `customer`: the CLI keys the file's
+    # rows by that column (as text: 007 is not 7), whatever BATCHSCORE_ID_COLUMN says here.
+    online = OnlineStore(redis_client, prefix=redis_prefix)
+    version = new_version("BatchProcessingFlow/7")
+    meta = {"model": "svc", "feature_columns": COLUMNS, "key_scheme": "id", "id_column": "customer"}
+    online.stage(version, meta)
+    value = {"label": 1, "class": "malignant", "proba": 0.9, "model": "svc"}
+    online.write(version, 0, ["007"], [json.dumps(value)])
+    assert online.publish(version, 1, 1)
+    path = tmp_path / "rows.csv"
+    path.write_text("customer,mean radius\n007,1.0\n7,2.0\n")
+    result = _cli(["lookup", "--csv", str(path)], cli_env, tmp_path)
+    assert _row(result.stdout, "007")[:3] == ["007", "1", "malignant"]
+    assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
+    assert "1 of 2 found" in result.stdout
