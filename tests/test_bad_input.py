@@ -178,3 +178,26 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(batch_runs)).scalar() == 1
     engine.dispose()
+
+
+@pytest.mark.flows
+def test_a_bad_input_fails_the_flow_at_once_without_retries(embedded_env, tmp_path):
+    # A deterministic error is not retried: one short message naming file, column and row,
+    # no "Internal error" traceback, and the run fails on its first attempt.
+    from metaflow import Runner
+
+    path = tmp_path / "labels.csv"
+    path.write_text("x,label\n1.0,fraud\n2.0,legit\n3.0,\n")
+    env = {**embedded_env, "BATCHSCORE_STEP_RETRIES": "2"}
+    work = tmp_path / "work"
+    work.mkdir()
+    runner = Runner(str(ROOT / "metaflow" / "train_models.py"), env=env, cwd=str(work))
+    with runner.run(dataset=str(path), target="label") as running:
+        status, output = running.status, running.stdout + running.stderr
+    assert status == "failed"
+    message = f"{path}: column 'label', row 3: the label is missing"
+    assert output.count(message) == 1, output
+    assert "Internal error" not in output.split("will not be retried")[0], output
+    assert "Traceback" not in output
+    attempts = [t for t in running.run["load_and_prepare_data"]]
+    assert len(attempts) == 1 and attempts[0].current_attempt == 0
