@@ -94,8 +94,7 @@ def test_a_dropped_connection_is_retried_and_every_key_lands(redis_client, redis
     through = online_at(url)
     version = new_version("run-1")
     through.stage(version, {"model": "m"})
-    proxy.fail_after(30_000)
-    threading.Timer(0.3, proxy.restore).start()  # a blip, not an outage
+    proxy.blip_after(30_000)  # a blip, not an outage: one reconnection refused
     keys = [f"row{i}" for i in range(5_000)]
     assert through.write(version, 0, keys, [f'{{"i":{i}}}' for i in range(5_000)]) == 5_000
     assert through.publish(version, 5_000, 1)
@@ -113,8 +112,7 @@ def test_a_drop_with_chunks_in_flight_resends_them_all(
     through = online_at(url)
     version = new_version("run-1")
     through.stage(version, {"model": "m"})
-    proxy.fail_after(40_000)
-    threading.Timer(0.3, proxy.restore).start()
+    proxy.blip_after(40_000)
     keys = [f"row{i}" for i in range(6_000)]
     with through.writer(version, 0, ttl, chunk=100) as writer:
         for start in range(0, 6_000, 1_000):
