@@ -92,6 +92,7 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.ingest_redis)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def ingest_redis(self, inputs):
         """Check every shard's keys landed, then switch readers to the new version."""

@@ -477,14 +477,19 @@ class OnlineStore:
         current = self.current()
         if current is None:
             return {"current": None}
+        # Every field but the key samples (up to ~70 KB per shard, read only by `verify`).
+        names = [
+            n for n in self.client.hkeys(self.manifest(current)) if not n.startswith(b"sample:")
+        ]
+        values = self.client.hmget(self.manifest(current), names) if names else []
         manifest = {
-            k.decode(): v.decode() for k, v in self.client.hgetall(self.manifest(current)).items()
+            k.decode(): v.decode() for k, v in zip(names, values, strict=True) if v is not None
         }
         rows = sum(int(v) for k, v in manifest.items() if k.startswith("shard:"))
         info = {
             k: v
             for k, v in manifest.items()
-            if not k.startswith(("shard:", "sample:")) and k not in ("feature_columns", "classes")
+            if not k.startswith("shard:") and k not in ("feature_columns", "classes")
         }
         published_at = float(info.pop("published_at", "nan"))
         return {
