@@ -5,14 +5,14 @@ from __future__ import annotations
 import threading
 
 import pytest
+from test_online import _publish, _value, _version
 
 from batchscore.online import OnlineStore, PublishError
-from test_online import _publish, _value, _version
 
 
 @pytest.fixture
-def store(redis_client) -> OnlineStore:
-    return OnlineStore(redis_client, prefix="rb")
+def store(redis_client, redis_prefix) -> OnlineStore:
+    return OnlineStore(redis_client, prefix=redis_prefix)
 
 
 def test_rollback_restores_the_previous_version_and_promote_brings_it_back(store):
@@ -59,7 +59,7 @@ def test_readers_never_see_a_mix_or_a_miss_during_rollbacks(store, redis_client)
     old, new = _version(0), _version(1)
     _publish(store, old, {k: _value(0, "old") for k in rows})
     _publish(store, new, {k: _value(1, "new") for k in rows})
-    reader = OnlineStore(type(redis_client)(connection_pool=redis_client.connection_pool), "rb")
+    reader = OnlineStore(redis_client, store.prefix)
     problems: list[str] = []
     done = threading.Event()
 

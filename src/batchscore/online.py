@@ -58,7 +58,8 @@ end
 if current and current > ARGV[1] then
   return 0
 end
-if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+-- Staged, or published before and rolled back from (promote brings it back).
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return redis.error_reply('NOTSTAGED ' .. ARGV[1] .. ' is not staged (discarded, or never opened)')
 end
 local fields = redis.call('HGETALL', KEYS[2])
