@@ -214,6 +214,8 @@ class Reader:
             else:  # versions written before the manifest recorded it: the settings say
                 id_column = self.settings.id_column
             scheme = KeyScheme(json.loads(columns), id_column)
+            if len(self._schemes) > 64:  # versions come and go: keep the cache small
+                self._schemes.clear()
             self._schemes[version] = scheme
         return scheme
 
