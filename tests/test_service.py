@@ -222,6 +222,7 @@ def test_lookup_computes_keys_from_raw_features(server, store):
         ("Infinity", "NaN or infinite"),
         ("-Infinity", "NaN or infinite"),
         ("1e999", "NaN or infinite"),
+        pytest.param("1" + "0" * 400, "100000000000...(401 digits) cannot be", id="10**400"),
     ],
 )
 def test_lookup_bad_row_is_422_naming_row_and_column(server, store, cell, problem):
