@@ -266,10 +266,16 @@ def test_an_internal_error_is_a_json_500_without_stack_trace(server, store, redi
     assert server.http.get(f"/v1/predictions/{KEYS[0]}").status_code == 200
 
 
-def test_lookup_by_id_column(redis_url, proxy, store, tmp_path):
-    """A version keyed by an id column: the lookup keys rows by that id, as text."""
-    publish(store, 1, ["007", "42"])
-    env = {**_env(redis_url, proxy, tmp_path), "BATCHSCORE_ID_COLUMN": "customer"}
+@pytest.mark.parametrize("recorded", [True, False], ids=["manifest", "settings"])
+def test_lookup_by_id_column(redis_url, proxy, store, tmp_path, recorded):
+    """A version keyed by an id column: the lookup keys rows by that id, as text. The
+    version's manifest says so; for a version that does not, BATCHSCORE_ID_COLUMN does."""
+    env = _env(redis_url, proxy, tmp_path)
+    if recorded:
+        publish(store, 1, ["007", "42"], key_scheme="id", id_column="customer")
+    else:
+        publish(store, 1, ["007", "42"])
+        env["BATCHSCORE_ID_COLUMN"] = "customer"
     server = Server(env, tmp_path)
     try:
         rows = [{"customer": "007"}, {"customer": 42}, {"customer": "7"}]
@@ -278,6 +284,20 @@ def test_lookup_by_id_column(redis_url, proxy, store, tmp_path):
         assert [p and p["model"] for p in body["predictions"]] == ["svc", "svc", None]
         bad = server.http.post("/v1/predictions:lookup", json={"rows": [{"customer": "a b"}]})
         assert _error(bad, 422, "invalid_row")["column"] == "customer"
+        missing = server.http.post("/v1/predictions:lookup", json={"rows": [{"id": "007"}]})
+        assert "keys rows by this id column" in _error(missing, 422, "invalid_row")["message"]
+    finally:
+        server.stop()
+
+
+def test_a_version_keyed_by_feature_hash_ignores_the_id_setting(redis_url, proxy, store, tmp_path):
+    publish(store, 1, key_scheme="feature_hash")
+    env = {**_env(redis_url, proxy, tmp_path), "BATCHSCORE_ID_COLUMN": "customer"}
+    server = Server(env, tmp_path)
+    try:
+        rows = ROWS.head(2).to_dict(orient="records")
+        body = server.http.post("/v1/predictions:lookup", json={"rows": rows}).json()
+        assert body["keys"] == KEYS[:2] and None not in body["predictions"]
     finally:
         server.stop()
 

@@ -203,15 +203,15 @@ class Reader:
         """The version's key scheme, from its manifest (cached: a version never changes)."""
         scheme = self._schemes.get(version)
         if scheme is None:
-            columns, id_column = await self.client.hmget(
-                self.store.manifest(version), ["feature_columns", "id_column"]
+            columns, kind, id_column = await self.client.hmget(
+                self.store.manifest(version), ["feature_columns", "key_scheme", "id_column"]
             )
             if columns is None:
                 raise ServiceError(
                     503, "no_key_scheme", f"version {version} records no feature columns"
                 )
-            if id_column is not None:  # recorded by the version itself; may be empty
-                id_column = id_column.decode() or None
+            if kind is not None:  # recorded by the version: "id" (with its column) or a hash
+                id_column = id_column.decode() if kind == b"id" and id_column else None
             else:  # versions written before the manifest recorded it: the settings say
                 id_column = self.settings.id_column
             scheme = KeyScheme(json.loads(columns), id_column)
