@@ -140,7 +140,7 @@ def hey(
 ) -> dict[str, float]:
     """`hey` at a fixed rate: enough workers that a slow answer does not lower the rate.
     With `pid`, also the server's CPU time per request: its cost, whatever the load."""
-    workers = max(10, rate // 20)
+    workers = max(4, rate // 100)
     command = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", str(rate / workers)]
     command += ["-o", "csv"]
     if body is not None:
