@@ -354,6 +354,19 @@ def test_publish_and_rollback_are_seen_at_once_and_never_mixed(server, store, re
         assert {p["model_version"] for p in lookup["predictions"]} == {version}
 
 
+def test_lookup_after_the_last_seen_version_was_retired(server, store):
+    """The version the service answered from last is gone, manifest and all: the next
+    lookup follows the pointer instead of failing on the missing manifest."""
+    first = publish(store, 1)
+    assert server.http.get(f"/v1/predictions/{KEYS[0]}").json()["version"] == first
+    publish(store, 2)
+    third = publish(store, 3)
+    assert first in store.retire(keep=1)
+    rows = ROWS.head(3).to_dict(orient="records")
+    answer = server.http.post("/v1/predictions:lookup", json={"rows": rows}).json()
+    assert answer["version"] == third and None not in answer["predictions"]
+
+
 def test_redis_down_is_503_and_the_service_recovers(server, store, proxy):
     publish(store, 1)
     assert server.http.get(f"/v1/predictions/{KEYS[0]}").status_code == 200

@@ -8,11 +8,11 @@ Routes (the HTTP contract in ARCHITECTURE.md):
     POST /v1/predictions:lookup       {"rows": [{feature: value}, ...]}: keys computed here
     GET  /v1/status, /healthz, /readyz, /metrics, /docs
 
-Every answer comes from one version: the pointer is read in the same round trip as the rows
-(a pipeline: GET `current`, then MGET in slices), under the version the previous request saw.
-When the pointer has moved, the rows are read again under the new version, so a publish or
-rollback is seen at once and never mixed into an answer. Stored values are JSON already:
-they go into the answer as they are (orjson fragments), never parsed and re-encoded.
+Every answer comes from one version: `current` is read in the same MGET as the rows, which
+are named under the version the previous answer came from; when the pointer has moved, the
+rows are read again under the new version. So a publish or rollback is seen by the very next
+request and never mixed into an answer. Stored values are JSON already: they go into the
+answer as they are (orjson fragments), never parsed and re-encoded.
 """
 
 from __future__ import annotations
@@ -98,6 +98,12 @@ class NoLiveVersion(ServiceError):
         super().__init__(503, "no_live_version", "no prediction set is published yet")
 
 
+class NoKeyScheme(ServiceError):
+    def __init__(self, version: str) -> None:
+        message = f"version {version} records no feature columns"
+        super().__init__(503, "no_key_scheme", message)
+
+
 def _bad_row(index: int, column: str, problem: str) -> ServiceError:
     return ServiceError(
         422, "invalid_row", f"rows[{index}], column {column!r}: {problem}", row=index, column=column
@@ -155,6 +161,7 @@ class Reader:
     async def live_version(self) -> str:
         version = await self.client.get(self.store.pointer)
         if version is None:
+            self._seen = None
             raise NoLiveVersion()
         self._seen = version.decode()
         return self._seen
@@ -166,13 +173,18 @@ class Reader:
         keys, since a version's key scheme decides them."""
         version = self._seen or await self.live_version()
         for _ in range(_RETRIES):
-            keys = await keys_for(version)
+            try:
+                keys = await keys_for(version)
+            except NoKeyScheme:  # the version seen last may be retired by now
+                if await self.live_version() == version:
+                    raise
+                version = self._seen
+                continue
             live, values = await self._fetch(version, keys)
             if live == version and len(keys) > MGET_SLICE and None in values:
                 # Slices are separate commands: a miss could be a version retired between
                 # them, right after a switch. Confirm the pointer did not move.
-                live = await self.client.get(self.store.pointer)
-                live = live.decode() if live is not None else None
+                live = await self.live_version()
             if live is None:
                 self._seen = None
                 raise NoLiveVersion()
@@ -207,9 +219,7 @@ class Reader:
                 self.store.manifest(version), ["feature_columns", "key_scheme", "id_column"]
             )
             if columns is None:
-                raise ServiceError(
-                    503, "no_key_scheme", f"version {version} records no feature columns"
-                )
+                raise NoKeyScheme(version)
             if kind is not None:  # recorded by the version: "id" (with its column) or a hash
                 id_column = id_column.decode() if kind == b"id" and id_column else None
             else:  # versions written before the manifest recorded it: the settings say
