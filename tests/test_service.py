@@ -263,7 +263,9 @@ def test_an_internal_error_is_a_json_500_without_stack_trace(server, store, redi
     response = server.http.post("/v1/predictions:lookup", json={"rows": rows})
     assert _error(response, 500, "internal")["message"] == "internal error"
     assert "Traceback" in server.log.read_text()  # the trace stays in the server's log
-    assert server.http.get(f"/v1/predictions/{KEYS[0]}").status_code == 200
+    assert response.headers.get("connection") != "close"
+    for _ in range(3):  # the same keep-alive connection goes on serving
+        assert server.http.get(f"/v1/predictions/{KEYS[0]}").status_code == 200
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["manifest", "settings"])

@@ -446,6 +446,34 @@ class MetricsMiddleware:
             ).observe(time.perf_counter() - start)
 
 
+class InternalErrorMiddleware:
+    """An unexpected error becomes a JSON 500 and the connection stays open (Starlette's
+    own handler answers, then re-raises, and the server drops the keep-alive connection).
+    The stack trace goes to the log, never to the client."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if started:  # too late for a clean answer: let the server close the connection
+                raise
+            await ServiceError(500, "internal", "internal error").response()(scope, receive, send)
+
+
 # ------------------------------------------------------------------ the app
 
 
@@ -541,7 +569,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=JSONAnswer,
     )
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(MetricsMiddleware)  # the outermost: it sees the 500s too
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> Response:
@@ -566,11 +595,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         return ServiceError(422, "invalid_request", f"{where}: {first.get('msg')}").response()
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")  # the trace stays in the server's log
-        return ServiceError(500, "internal", "internal error").response()
 
     def reader(request: Request) -> Reader:
         return request.app.state.reader
