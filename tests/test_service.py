@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, free_port
+from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 from tcp_proxy import TcpProxy
@@ -30,6 +31,12 @@ DATA = load_breast_cancer(as_frame=True).frame
 COLUMNS = [c for c in DATA.columns if c != "target"]
 ROWS = DATA[COLUMNS].head(50)
 KEYS = row_keys(ROWS.to_numpy())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class Server:
@@ -75,17 +82,18 @@ def proxy(redis_url: str) -> Iterator[TcpProxy]:
     proxy.close()
 
 
-def _env(redis_url: str, proxy: TcpProxy, tmp_path: Path) -> dict[str, str]:
+def _env(redis_url: str, prefix: str, proxy: TcpProxy, tmp_path: Path) -> dict[str, str]:
     db = redis_url.rsplit("/", 1)[1]
     return {
         "BATCHSCORE_REDIS_URL": proxy.url("redis", f"/{db}"),
+        "BATCHSCORE_REDIS_PREFIX": prefix,  # this test's own keys (conftest cleans them)
         "BATCHSCORE_HOME": str(tmp_path / "home"),
     }
 
 
 @pytest.fixture
-def server(redis_url: str, proxy: TcpProxy, tmp_path: Path) -> Iterator[Server]:
-    server = Server(_env(redis_url, proxy, tmp_path), tmp_path)
+def server(redis_url: str, redis_prefix: str, proxy: TcpProxy, tmp_path: Path) -> Iterator[Server]:
+    server = Server(_env(redis_url, redis_prefix, proxy, tmp_path), tmp_path)
     yield server
     server.stop()
     if not server.expect_traceback:  # every other error is an expected one
@@ -93,8 +101,8 @@ def server(redis_url: str, proxy: TcpProxy, tmp_path: Path) -> Iterator[Server]:
 
 
 @pytest.fixture
-def store(redis_client) -> OnlineStore:
-    return OnlineStore(redis_client)
+def store(redis_client, redis_prefix: str) -> OnlineStore:
+    return OnlineStore(redis_client, redis_prefix)
 
 
 def _value(version: str, key: str) -> str:
@@ -269,10 +277,10 @@ def test_an_internal_error_is_a_json_500_without_stack_trace(server, store, redi
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["manifest", "settings"])
-def test_lookup_by_id_column(redis_url, proxy, store, tmp_path, recorded):
+def test_lookup_by_id_column(redis_url, redis_prefix, proxy, store, tmp_path, recorded):
     """A version keyed by an id column: the lookup keys rows by that id, as text. The
     version's manifest says so; for a version that does not, BATCHSCORE_ID_COLUMN does."""
-    env = _env(redis_url, proxy, tmp_path)
+    env = _env(redis_url, redis_prefix, proxy, tmp_path)
     if recorded:
         publish(store, 1, ["007", "42"], key_scheme="id", id_column="customer")
     else:
@@ -292,9 +300,11 @@ def test_lookup_by_id_column(redis_url, proxy, store, tmp_path, recorded):
         server.stop()
 
 
-def test_a_version_keyed_by_feature_hash_ignores_the_id_setting(redis_url, proxy, store, tmp_path):
+def test_a_version_keyed_by_feature_hash_ignores_the_id_setting(
+    redis_url, redis_prefix, proxy, store, tmp_path
+):
     publish(store, 1, key_scheme="feature_hash")
-    env = {**_env(redis_url, proxy, tmp_path), "BATCHSCORE_ID_COLUMN": "customer"}
+    env = {**_env(redis_url, redis_prefix, proxy, tmp_path), "BATCHSCORE_ID_COLUMN": "customer"}
     server = Server(env, tmp_path)
     try:
         rows = ROWS.head(2).to_dict(orient="records")
@@ -435,9 +445,9 @@ def test_metrics_are_prometheus_text(server, store):
     assert metrics["batchscore_redis_up"][0].value == 1
 
 
-def test_metrics_add_up_across_workers(redis_url, proxy, store, tmp_path):
+def test_metrics_add_up_across_workers(redis_url, redis_prefix, proxy, store, tmp_path):
     publish(store, 1)
-    server = Server(_env(redis_url, proxy, tmp_path), tmp_path, "--workers", "2")
+    server = Server(_env(redis_url, redis_prefix, proxy, tmp_path), tmp_path, "--workers", "2")
     try:
         for _ in range(20):  # new connections: spread over both workers
             with httpx.Client(base_url=str(server.http.base_url)) as client:
