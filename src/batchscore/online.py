@@ -21,11 +21,10 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
@@ -35,9 +34,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from batchscore.config import Settings
-from batchscore.data import InputError
 from batchscore.embedded_redis import ensure_server
 from batchscore.keys import row_keys
+
+if TYPE_CHECKING:  # pandas and the table readers cost every batch-flow step 0.3 s to import
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,14 @@ def new_version(run_id: str, at: datetime | None = None) -> str:
     return f"{at:%Y%m%dT%H%M%S%f}Z-{tag}"
 
 
-def _strings(items: pa.Array | Sequence[str], what: str) -> pa.StringArray:
+def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:
+    """Text without nulls, as `string` or `large_string` (hash_rows of a huge shard)."""
     if isinstance(items, pa.ChunkedArray):
         items = items.combine_chunks()
     if not isinstance(items, pa.Array):
         items = pa.array(items, pa.string())
-    if not pa.types.is_string(items.type) or items.null_count:
+    text = pa.types.is_string(items.type) or pa.types.is_large_string(items.type)
+    if not text or items.null_count:
         raise ValueError(f"{what} must be text without nulls, not {items.type}")
     return items
 
@@ -303,6 +306,8 @@ class OnlineStore:
 
         `feature_columns` (training order) defaults to what the current version recorded.
         """
+        from batchscore.data import InputError
+
         columns = list(feature_columns or self.feature_columns())
         missing = [c for c in columns if c not in features.columns]
         if missing:
@@ -399,8 +404,12 @@ class ShardWriter:
         if len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys but {len(texts)} values")
         for block in range(0, len(keys), _BLOCK_ROWS):
+            # A block's text fits `string` (int32 offsets) whatever the input's type.
             commands = _commands(
-                self.base, keys.slice(block, _BLOCK_ROWS), texts.slice(block, _BLOCK_ROWS), self.ttl
+                self.base,
+                keys.slice(block, _BLOCK_ROWS).cast(pa.string()),
+                texts.slice(block, _BLOCK_ROWS).cast(pa.string()),
+                self.ttl,
             )
             offsets = np.frombuffer(commands.buffers()[1], np.int32)
             data = memoryview(commands.buffers()[2] or b"")
