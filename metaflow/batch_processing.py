@@ -50,6 +50,7 @@ class BatchProcessingFlow(FlowSpec):
         self.input_uri = self.input_path or default_input(settings)
         self.records = find_models(self.models, settings)
         self.model_name = self.records[0].model
+        self.feature_columns = self.records[0].feature_columns
         self.next(self.load_data)
 
     @resources(cpu=1, memory=4096)
@@ -61,7 +62,7 @@ class BatchProcessingFlow(FlowSpec):
 
         self.shards = plan_shards(
             self.input_uri,
-            self.records[0].feature_columns,
+            self.feature_columns,
             self.shard_rows or None,
             self.run_pathspec,
             Settings(),
