@@ -1,32 +1,31 @@
-"""The Redis write stage alone: the batch path's writer against redis-py's own pipeline.
+"""The Redis write stage alone: ShardWriter against redis-benchmark on the same server.
 
     python benchmarks/bench_write.py                    # 500,000 keys, median of 5
     python benchmarks/bench_write.py --keys 100000 --repeat 3
 
 Real keys and values (row keys of breast-cancer-shaped rows, JSON values of the seed's
 four models) are written under a fresh version into Redis db 14 (`--redis-url`; FLUSHDB
-before each run), without TTL (MSET, the flow's default) and with one (`SET ... EX`):
-
-* **ShardWriter**: `OnlineStore.write`, what `score_shard` uses.
-* **redis-py pipeline**: `client.pipeline(transaction=False)`, one MSET per chunk of 2,000
-  keys (or one `SET ... EX` per key), packed by hiredis, executed once per block of 20,000
-  rows, the block size `score_shard` hands the writer; keys and values go in as Python
-  bytes taken from the same Arrow arrays (that conversion is counted).
-
-Printed: keys/s (wall) and CPU seconds of this process plus the Redis server (INFO cpu).
+before each run) by `OnlineStore.write`, the writer `score_shard` uses: without TTL (MSET
+chunks, the flow's default) and with one (`SET ... EX` per key, `--ttl_days` > 0), in blocks
+of 20,000 rows as `score_shard` hands them over. Beside it, `redis-benchmark -P 64` (its 50
+clients) sending SET, and SET EX, with the same key and value sizes to random keys: what
+the server itself sustains. Printed: keys/s, and the CPU seconds of this process plus the
+Redis server (INFO cpu) per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
@@ -34,45 +33,33 @@ from workload import flush, train_bundle, write_rows
 
 from batchscore.batch import SCORE_BLOCK_ROWS
 from batchscore.keys import hash_rows
-from batchscore.online import WRITE_CHUNK, OnlineStore, new_version
+from batchscore.online import OnlineStore, new_version
 from batchscore.scoring import encode_predictions
 
 PREFIX = "benchwrite"
-TTL = 30 * 86_400
+TTL = 30 * 86_400  # `--ttl_days 30`
 
 
-def pipeline_write(
-    client: redis.Redis, base: str, keys: pa.Array, values: pa.Array, ttl: int | None
-) -> int:
-    """redis-py's own way: a non-transactional pipeline per block, MSET chunks (SET EX per
-    key with a TTL); returns how many keys Redis acknowledged."""
-    landed = 0
-    names = pc.binary_join_element_wise(base, keys, "").cast(pa.binary())
-    values = values.cast(pa.binary())
-    for block in range(0, len(keys), SCORE_BLOCK_ROWS):
-        pipe = client.pipeline(transaction=False)
-        block_names = names.slice(block, SCORE_BLOCK_ROWS).to_numpy(zero_copy_only=False)
-        block_values = values.slice(block, SCORE_BLOCK_ROWS).to_numpy(zero_copy_only=False)
-        for start in range(0, len(block_names), WRITE_CHUNK):
-            chunk_names = block_names[start : start + WRITE_CHUNK]
-            chunk_values = block_values[start : start + WRITE_CHUNK]
-            if ttl:
-                for name, value in zip(chunk_names, chunk_values, strict=True):
-                    pipe.set(name, value, ex=ttl)
-            else:
-                flat = np.empty(2 * len(chunk_names), dtype=object)
-                flat[0::2], flat[1::2] = chunk_names, chunk_values
-                pipe.execute_command("MSET", *flat)
-        replies = pipe.execute()
-        if ttl:
-            landed += sum(r is True for r in replies)
-        else:
-            counts = [
-                len(block_names[s : s + WRITE_CHUNK])
-                for s in range(0, len(block_names), WRITE_CHUNK)
-            ]
-            landed += sum(n for n, r in zip(counts, replies, strict=True) if r is True)
-    return landed
+def redis_benchmark(redis_url: str, key_bytes: int, value_bytes: int) -> dict[str, float]:
+    """redis-benchmark's pipelined rate (-P 64) for SET and SET EX of our sizes; {} if absent."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return {}
+    url = urlparse(redis_url)
+    base = [exe, "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "-q", "-P", "64"]
+    if url.password:
+        base += ["-a", url.password]
+    base += ["--dbnum", (url.path or "/0").strip("/") or "0", "-n", "400000", "-r", "100000000"]
+    key = "k" * max(key_bytes - 12, 1) + "__rand_int__"  # __rand_int__ becomes 12 digits
+    rates = {}
+    for name, extra in (("MSET (no TTL)", []), ("SET EX (TTL)", ["EX", str(TTL)])):
+        done = subprocess.run(
+            [*base, "SET", key, "v" * value_bytes, *extra], capture_output=True, text=True
+        )
+        found = re.findall(r"([\d.]+) requests per second", done.stdout.replace("\r", "\n"))
+        rates[name] = float(found[-1]) if found else float("nan")
+        flush(redis_url)
+    return rates
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,33 +78,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         info = client.info("cpu")
         return time.process_time() + float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    ways = {
-        "ShardWriter": lambda version, ttl: store.write(version, 0, keys, values, ttl),
-        "redis-py pipeline": lambda version, ttl: pipeline_write(
-            client, f"{PREFIX}:{version}:", keys, values, ttl
-        ),
-    }
     results: dict[str, Any] = {}
-    for ttl_name, ttl in (("MSET (no TTL)", None), ("SET EX (TTL)", TTL)):
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    for name, ttl in (("MSET (no TTL)", None), ("SET EX (TTL)", TTL)):
+        runs = []
         for i in range(args.repeat):
-            for name, way in ways.items():  # alternating: paired against the same drift
-                flush(args.redis_url)
-                version = new_version(f"BenchWrite/{i}")
-                before_wall, before_cpu = time.perf_counter(), cpu()
-                landed = way(version, ttl)
-                runs[name].append((time.perf_counter() - before_wall, cpu() - before_cpu))
-                if landed != len(keys):
-                    raise RuntimeError(f"{name}: {landed} of {len(keys)} keys acknowledged")
-        results[ttl_name] = {
-            name: {
-                "keys_per_s": len(keys) / statistics.median(w for w, _ in measured),
-                "cpu": statistics.median(c for _, c in measured),
-            }
-            for name, measured in runs.items()
+            flush(args.redis_url)
+            version = new_version(f"BenchWrite/{i}")
+            wall, used = time.perf_counter(), cpu()
+            with store.writer(version, 0, ttl) as writer:
+                for start in range(0, len(keys), SCORE_BLOCK_ROWS):
+                    writer.write(
+                        keys.slice(start, SCORE_BLOCK_ROWS), values.slice(start, SCORE_BLOCK_ROWS)
+                    )
+            runs.append((time.perf_counter() - wall, cpu() - used))
+            if writer.landed != len(keys):
+                raise RuntimeError(f"{writer.landed} of {len(keys)} keys acknowledged")
+        results[name] = {
+            "keys_per_s": len(keys) / statistics.median(w for w, _ in runs),
+            "cpu": statistics.median(c for _, c in runs),
         }
+    key_bytes = len(store.key(version, keys[0].as_py()))
+    value_bytes = int(statistics.median(pc.binary_length(values).to_pylist()))
+    bench = redis_benchmark(args.redis_url, key_bytes, value_bytes)
     flush(args.redis_url)
-    return results
+    return {"writer": results, "redis_benchmark": bench, "sizes": (key_bytes, value_bytes)}
 
 
 def main() -> None:
@@ -128,11 +112,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     results = measure(args)
-    print(f"\n**{args.keys:,} keys, median of {args.repeat}**\n")
-    print("| command | writer | keys/s | CPU s (client + Redis) |\n|---|---|---:|---:|")
-    for command, ways in results.items():
-        for name, r in ways.items():
-            print(f"| {command} | {name} | {r['keys_per_s']:,.0f} | {r['cpu']:.2f} |")
+    key_bytes, value_bytes = results["sizes"]
+    print(f"\n**{args.keys:,} keys ({key_bytes}-byte names, {value_bytes}-byte values), ", end="")
+    print(f"median of {args.repeat}**\n")
+    print("| command | ShardWriter keys/s | CPU s (client + Redis) | redis-benchmark -P 64 req/s |")
+    print("|---|---:|---:|---:|")
+    for name, r in results["writer"].items():
+        bench = results["redis_benchmark"].get(name, float("nan"))
+        print(f"| {name} | {r['keys_per_s']:,.0f} | {r['cpu']:.2f} | {bench:,.0f} |")
+    print("\n| target | met | measured |\n|---|:---:|---:|")
+    for name, r in results["writer"].items():
+        bench = results["redis_benchmark"].get(name)
+        if bench:
+            share = r["keys_per_s"] / bench
+            ok = "yes" if share >= 0.5 else "no"
+            print(f"| {name}: ShardWriter >= 1/2 redis-benchmark | {ok} | {share:.2f} of it |")
 
 
 if __name__ == "__main__":

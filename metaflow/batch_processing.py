@@ -51,33 +51,35 @@ class BatchProcessingFlow(FlowSpec):
         self.records = find_models(self.models, settings)
         self.model_name = self.records[0].model
         self.feature_columns = self.records[0].feature_columns
+        self.next(self.load_model)
+
+    @retry(times=RETRIES)
+    @step
+    def load_model(self):
+        """The models' bytes, each checked against its SHA-256 (deserialised by the shard
+        tasks: the only steps that need scikit-learn)."""
+        from batchscore.batch import fetch_models
+
+        self.model_files = fetch_models(self.records, Settings())
         self.next(self.load_data)
 
     @resources(cpu=1, memory=4096)
     @retry(times=RETRIES)
     @step
     def load_data(self):
-        """Validate every input row against the model's schema, cut it into shards."""
-        from batchscore.batch import plan_shards
+        """Validate every input row against the model's schema, cut it into shards (one per
+        core unless `--shard_rows`), then stage the run's version."""
+        from batchscore.batch import plan_shards, stage
+        from batchscore.online import ttl_seconds
 
+        settings = Settings()
         self.shards = plan_shards(
             self.input_uri,
             self.feature_columns,
             self.shard_rows or None,
             self.run_pathspec,
-            Settings(),
+            settings,
         )
-        self.next(self.load_model)
-
-    @retry(times=RETRIES)
-    @step
-    def load_model(self):
-        """The models' bytes, checked against their SHA-256; stage the run's version."""
-        from batchscore.batch import fetch_models, stage
-        from batchscore.online import ttl_seconds
-
-        settings = Settings()
-        self.model_files = fetch_models(self.records, settings)
         stage(
             self.version,
             self.run_pathspec,

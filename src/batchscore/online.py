@@ -17,11 +17,9 @@ import json
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +41,7 @@ if TYPE_CHECKING:  # pandas and the table readers cost every batch-flow step 0.3
 
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 2_000  # keys per round trip: 1,000-5,000 measured best (benchmarks/bench_scoring.py)
+WRITE_CHUNK = 2_000  # keys per MSET: 1,000-5,000 measured best (benchmarks/README.md)
 _BLOCK_ROWS = 20_000  # rows per pipeline: one round of replies, a few MB in flight
 SCAN_COUNT = 5_000
 KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses its version
@@ -144,26 +142,6 @@ def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:
     return items
 
 
-def _commands(base: str, keys: pa.StringArray, values: pa.StringArray, ttl: int | None) -> pa.Array:
-    """Each row's RESP text, built column-wise: `SET name value EX ttl` with a TTL, else the
-    `name value` pair of an MSET. Lengths are UTF-8 byte counts, as RESP wants."""
-    name_bytes = pc.add(pc.binary_length(keys), len(base.encode()))
-    parts: list[Any] = [
-        "$",
-        pc.cast(name_bytes, pa.string()),
-        "\r\n" + base,
-        keys,
-        "\r\n$",
-        pc.cast(pc.binary_length(values), pa.string()),
-        "\r\n",
-        values,
-        "\r\n",
-    ]
-    if ttl:
-        parts = ["*5\r\n$3\r\nSET\r\n", *parts, f"$2\r\nEX\r\n${len(str(ttl))}\r\n{ttl}\r\n"]
-    return pc.binary_join_element_wise(*parts, "")
-
-
 def ttl_seconds(days: float) -> int | None:
     """Key lifetime from the flow's `ttl_days`; 0 keeps keys until a newer version retires them."""
     if days < 0:
@@ -220,10 +198,6 @@ class OnlineStore:
         chunk: int = WRITE_CHUNK,
     ) -> ShardWriter:
         """A streaming writer for one shard: feed it rows as they are scored."""
-        import os
-
-        if os.environ.get("BATCHSCORE_WRITER_AB") == "resp":
-            return _RespShardWriter(self, version, shard, ttl_seconds, chunk)
         return ShardWriter(self, version, shard, ttl_seconds, chunk)
 
     def write(
@@ -454,126 +428,3 @@ class ShardWriter:
 
 def _as_bytes(texts: pa.Array) -> np.ndarray:
     return texts.cast(pa.binary()).to_numpy(zero_copy_only=False)
-
-
-class _RespShardWriter:
-    """Streams one shard's rows into a staged version, batch-first.
-
-    Without a TTL a chunk is one MSET (one reply); with one it is a run of
-    `SET name value EX ttl`, about half as fast on the server. A chunk's RESP bytes come
-    straight out of an Arrow buffer and go out without MULTI; replies are read up to
-    `WINDOW` chunks behind, so Redis stores one block while the caller scores the next.
-    A dropped connection is retried under the client's policy by resending every chunk
-    not yet acknowledged (MSET and SET are idempotent). On a clean exit the writer checks
-    that every key was acknowledged and only then records the shard's count, so a shard
-    that died midway is never counted.
-    """
-
-    WINDOW = 8  # chunks in flight: enough to keep Redis busy, a few MB at most
-
-    def __init__(
-        self,
-        store: OnlineStore,
-        version: str,
-        shard: str | int,
-        ttl_seconds: int | None = None,
-        chunk: int = WRITE_CHUNK,
-    ) -> None:
-        self.store, self.version, self.shard = store, version, shard
-        self.ttl, self.chunk = ttl_seconds, chunk
-        self.base = f"{store.prefix}:{version}:"
-        self.sent = 0
-        self.landed = 0
-        self._pool = store.client.connection_pool
-        self._connection: redis.Connection | None = None
-        self._in_flight: deque[tuple[list[Any], int]] = deque()  # (payload, keys)
-        self._lost = False  # the connection dropped: resend what is in flight
-
-    def __enter__(self) -> _RespShardWriter:
-        self._connection = self._pool.get_connection()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        connection, self._connection = self._connection, None
-        try:
-            if kind is None:
-                while self._in_flight:
-                    self._retry(self._acknowledge_oldest, connection)
-        finally:
-            if kind is not None or self._in_flight:
-                connection.disconnect()  # unread replies must not reach the next user
-            self._pool.release(connection)
-        if kind is None:
-            self._record()
-
-    def write(self, row_keys: pa.Array | Sequence[str], values: pa.Array | Sequence[str]) -> None:
-        """Send these rows (a block of any size); replies are checked as the window moves."""
-        if self._connection is None:
-            raise RuntimeError("use the writer as a context manager: `with store.writer(...)`")
-        keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
-        if len(keys) != len(texts):
-            raise ValueError(f"{len(keys)} keys but {len(texts)} values")
-        for block in range(0, len(keys), _BLOCK_ROWS):
-            # A block's text fits `string` (int32 offsets) whatever the input's type.
-            commands = _commands(
-                self.base,
-                keys.slice(block, _BLOCK_ROWS).cast(pa.string()),
-                texts.slice(block, _BLOCK_ROWS).cast(pa.string()),
-                self.ttl,
-            )
-            offsets = np.frombuffer(commands.buffers()[1], np.int32)
-            data = memoryview(commands.buffers()[2] or b"")
-            for start in range(0, len(commands), self.chunk):
-                stop = min(start + self.chunk, len(commands))
-                payload = [data[offsets[start] : offsets[stop]]]
-                if not self.ttl:
-                    payload.insert(0, f"*{2 * (stop - start) + 1}\r\n$4\r\nMSET\r\n".encode())
-                self._in_flight.append((payload, stop - start))
-                self.sent += stop - start
-                self._retry(self._send_newest, self._connection)
-                while len(self._in_flight) > self.WINDOW:
-                    self._retry(self._acknowledge_oldest, self._connection)
-
-    # ------------------------------------------------------------------ internals
-
-    def _retry(self, operation: Any, connection: redis.Connection) -> None:
-        def dropped(_error: Exception) -> None:
-            connection.disconnect()
-            self._lost = True
-
-        connection.retry.call_with_retry(partial(operation, connection), dropped)
-
-    def _replay(self, connection: redis.Connection) -> bool:
-        """After a reconnect, resend every chunk still in flight; True if it did."""
-        if not self._lost:
-            return False
-        for payload, _ in self._in_flight:
-            connection.send_packed_command(payload, check_health=False)
-        self._lost = False
-        return True
-
-    def _send_newest(self, connection: redis.Connection) -> None:
-        # Health checks stay off: a PING would read a reply that belongs to a chunk.
-        if not self._replay(connection):
-            connection.send_packed_command(self._in_flight[-1][0], check_health=False)
-
-    def _acknowledge_oldest(self, connection: redis.Connection) -> None:
-        self._replay(connection)
-        _, keys = self._in_flight[0]
-        ok = 0
-        for _ in range(keys if self.ttl else 1):
-            try:
-                ok += connection.read_response() in (b"OK", "OK")
-            except redis.ResponseError as exc:  # read on, so the connection stays in step
-                log.warning("Redis refused a write: %s", exc)
-        self._in_flight.popleft()
-        self.landed += ok if self.ttl else ok * keys
-
-    def _record(self) -> None:
-        if self.landed != self.sent:
-            raise PublishError(
-                f"shard {self.shard}: Redis acknowledged {self.landed} of {self.sent}"
-            )
-        self.store.client.hset(
-            self.store.manifest(self.version), f"shard:{self.shard}", self.landed
-        )
