@@ -11,6 +11,7 @@ steps around the foreach cost little more than Metaflow's own start-up.
 """
 
 from batchscore.config import Settings
+from batchscore.fail_fast import fail_fast
 from metaflow import FlowSpec, Parameter, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
@@ -38,6 +39,7 @@ class BatchProcessingFlow(FlowSpec):
     )
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def start(self):
         """Name the version (sortable by start time); find the input and the recorded models."""
@@ -54,6 +56,7 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.load_model)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def load_model(self):
         """The models' bytes, each checked against its SHA-256 (deserialised by the shard
@@ -65,6 +68,7 @@ class BatchProcessingFlow(FlowSpec):
 
     @resources(cpu=1, memory=4096)
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def load_data(self):
         """Validate every input row against the model's schema, cut it into shards (one per
@@ -93,6 +97,7 @@ class BatchProcessingFlow(FlowSpec):
     @resources(cpu=2, memory=4096)
     @retry(times=RETRIES)
     @timeout(hours=2)
+    @fail_fast
     @step
     def batch_processing(self):
         """One shard: deserialise the models, key, predict, write under the staged version."""
@@ -114,21 +119,24 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.ingest_redis)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def ingest_redis(self, inputs):
         """Check every shard's keys landed, then switch readers to the new version."""
         from batchscore.batch import publish
 
         self.merge_artifacts(
-            inputs, include=["run_pathspec", "version", "records", "input_uri", "model_name"]
+            inputs,
+            include=["run_pathspec", "version", "model_files", "input_uri", "model_name", "shards"],
         )
         result = publish(
             self.run_pathspec,
             self.version,
             [i.shard for i in inputs],
             self.input_uri,
-            self.records,
+            self.model_files,
             Settings(),
+            scratch=self.shards,
         )
         self.rows_scored, self.keys_written = result.rows_scored, result.keys_written
         self.published = result.published

@@ -124,11 +124,11 @@ def load_models(which: str | Sequence[ModelRecord], settings: Settings) -> Model
 
 
 def default_input(settings: Settings) -> str:
-    """The test split the latest training run published."""
+    """The test split of the champion's own training run."""
     from batchscore.tracking import Tracker
 
     with Tracker(settings.resolved_database_url) as tracker:
-        return tracker.latest_batch_input()
+        return tracker.champion_batch_input()
 
 
 def plan_shards(
@@ -164,9 +164,16 @@ def plan_shards(
     shards: list[str] = []
     rows = 0
     try:
-        for batch in iter_tables(input_uri, settings, shard_rows, numeric_columns=feature_columns):
+        for batch in iter_tables(
+            input_uri, settings, shard_rows, numeric_columns=feature_columns, text_columns=extra
+        ):
             table = to_feature_table(batch, feature_columns, input_uri, rows + 1, extra)
-            if id_column and id_column in batch.column_names:
+            if id_column:
+                if id_column not in batch.column_names:
+                    raise InputError(
+                        f"{input_uri}: no id column {id_column!r} (BATCHSCORE_ID_COLUMN); "
+                        f"columns: {batch.column_names}"
+                    )
                 ids = batch.column(id_column).to_pandas()
                 ids = id_keys(ids, input_uri, id_column, first_row=rows + 1)
                 table = table.append_column(id_column, pa.array(ids, pa.string()))
@@ -243,7 +250,7 @@ def score_shard(
     from threadpoolctl import threadpool_limits
 
     from batchscore.keys import first_occurrences, hash_rows
-    from batchscore.online import OnlineStore
+    from batchscore.online import OnlineStore, SupersededError
     from batchscore.scoring import encode_predictions
     from batchscore.store import ObjectStore
 
@@ -266,16 +273,23 @@ def score_shard(
     # Parallel tasks whose models each spread over every core spin against each other:
     # each task's pools are capped (cores / concurrent tasks in the flow).
     threads = threads or settings.scoring_threads
-    with (
-        threadpool_limits(limits=threads),
-        online.writer(version, shard, ttl_seconds) as writer,
-    ):
-        for start in range(0, len(keys), SCORE_BLOCK_ROWS):
-            block = features.iloc[start : start + SCORE_BLOCK_ROWS]
-            values = encode_predictions(bundle.models, block, bundle.classes)
-            clock.lap("predict")
-            writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
-            clock.lap("write")
+    try:
+        with (
+            threadpool_limits(limits=threads),
+            online.writer(version, shard, ttl_seconds) as writer,
+        ):
+            for start in range(0, len(keys), SCORE_BLOCK_ROWS):
+                block = features.iloc[start : start + SCORE_BLOCK_ROWS]
+                values = encode_predictions(bundle.models, block, bundle.classes)
+                clock.lap("predict")
+                writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
+                clock.lap("write")
+    except SupersededError as exc:
+        # A newer run went live meanwhile and retired this version while it was written:
+        # delete what this shard wrote after that (each shard does, the last one wins).
+        online.discard(version)
+        log.warning("shard %s: %s; its keys are deleted", shard, exc)
+        return ShardResult(shard, table.num_rows, 0, 0, clock.seconds, threads)
     clock.lap("write")
     written = writer.landed
     duplicates = table.num_rows - len(keys)
@@ -297,14 +311,16 @@ def publish(
     version: str,
     results: list[ShardResult],
     input_uri: str,
-    models: Sequence[ModelRecord],
+    bundle: ModelBundle | ModelFiles,
     settings: Settings,
+    scratch: Sequence[str] = (),
 ) -> PublishResult:
-    """Switch readers to the new version once every shard is counted; record the run.
-
-    `models` are the records `find_models` returned: the lineage, without loading a model.
-    """
+    """Switch readers to the new version once every shard is counted and its sampled keys
+    are still in Redis; record the run. A version superseded by a newer live one is
+    discarded. Either way the run is over, so its scratch shards are deleted; on an error
+    they stay, for `resume`."""
     from batchscore.online import OnlineStore
+    from batchscore.store import ObjectStore
     from batchscore.tracking import Tracker
 
     online = OnlineStore.from_settings(settings)
@@ -312,8 +328,8 @@ def publish(
     keys = sum(r.keys_written for r in results)
     record = {
         "input_uri": input_uri,
-        "training_run_id": models[0].training_run_id,
-        "models": [m.model for m in models],
+        "training_run_id": bundle.training_run_id,
+        "models": bundle.names,
         "redis_version": version,
         "rows_scored": rows,
         "keys_written": keys,
@@ -332,8 +348,11 @@ def publish(
         except Exception as exc:  # housekeeping only: the new version is already live
             log.warning("could not retire old versions: %s", exc)
     else:
-        log.warning("%s is newer than %s: the pointer stays on it", online.current(), version)
+        log.warning("%s was superseded by %s: discarded", version, online.current())
         online.discard(version)
+    store = ObjectStore.from_settings(settings)
+    for uri in scratch:
+        store.delete(uri)
     return PublishResult(rows, keys, published, retired)
 
 
@@ -358,6 +377,12 @@ def stage(
             "training_run_id": bundle.training_run_id,
             "feature_columns": bundle.feature_columns,
             "classes": list(bundle.classes),
+            # Readers (library, CLI, notebook, HTTP) key rows as this version did.
+            **(
+                {"key_scheme": "id", "id_column": settings.id_column}
+                if settings.id_column
+                else {"key_scheme": "feature_hash"}
+            ),
         },
         ttl_seconds,
     )
