@@ -123,7 +123,7 @@ def test_embedded_mode_end_to_end(embedded_env, tmp_path, settings_for, notebook
 
     # At its defaults the flow sizes itself from the cores: one shard per core (Metaflow's
     # --max-workers 16 never starts more), each task capped to cores / tasks threads.
-    rows = read_csv(ObjectStore.from_settings(settings), "data/breast_cancer.csv")
+    rows = read_csv(ObjectStore.from_settings(settings), train.data.data.batch_input_uri)
     parquet = tmp_path / "rows.parquet"
     rows.to_parquet(parquet)
     env = {k: v for k, v in embedded_env.items() if k != "BATCHSCORE_SCORING_THREADS"}

@@ -123,7 +123,7 @@ def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, 
     """Arrow `string` holds at most 2 GiB of text: 64-byte keys wrap its int32 offsets past
     ~33.5M rows in one call. The limit is lowered here so that 101 rows cross it."""
     from batchscore import keys as keys_module
-    from batchscore.online import OnlineStore
+    from batchscore.online import OnlineStore, new_version
 
     matrix = np.random.default_rng(4).normal(size=(101, 3))
     expected = [hashlib.sha256(r.astype("<f8").tobytes()).hexdigest() for r in matrix]
@@ -135,5 +135,7 @@ def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, 
 
     # Such keys go through the batch path's writer unchanged.
     store = OnlineStore(redis_client, prefix="t")
-    assert store.write("v1", 0, keys, pa.array(["x"] * len(keys))) == len(keys)
-    assert redis_client.get(f"t:v1:{expected[-1]}") == b"x"
+    version = new_version("Flow/1")
+    store.stage(version, {"model": "m"})
+    assert store.write(version, 0, keys, pa.array(["x"] * len(keys))) == len(keys)
+    assert redis_client.get(f"t:{version}:{expected[-1]}") == b"x"

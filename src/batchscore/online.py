@@ -536,7 +536,6 @@ class ShardWriter:
         keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
         if len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys but {len(texts)} values")
-        self.sample.add(keys)
         for block in range(0, len(keys), _BLOCK_ROWS):
             # Names and values as bytes, straight from Arrow: nothing to encode per key.
             block_keys = keys.slice(block, _BLOCK_ROWS).cast(pa.string())
