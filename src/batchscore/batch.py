@@ -54,6 +54,7 @@ def load_models(which: str, settings: Settings) -> ModelBundle:
                 ObjectStore.read_uri(r.model_uri, settings), r.model_sha256, r.model_uri
             ),
             sha256=r.model_sha256,
+            threshold=r.threshold,
         )
         for r in records
     ]

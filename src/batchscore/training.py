@@ -85,7 +85,7 @@ def evaluate_all(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:
     """Every model on the test split: full results (for the card) and PNG figures."""
     results = {
-        name: evaluate_model(model.estimator, data.test_features, data.test_labels)
+        name: evaluate_model(model.estimator, data.test_features, data.test_labels, model.threshold)
         for name, model in trained.items()
     }
     return results, figures(results, data.test_labels, data.classes)
@@ -123,6 +123,7 @@ def save_training(
             **metrics[name],
             "cv_score": model.cv_score,
             "best_params": _jsonable(model.best_params),
+            "threshold": model.threshold,
             "model_uri": model_uris[name],
             "model_sha256": sha256,
         }
