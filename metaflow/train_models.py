@@ -8,7 +8,6 @@ Every step is a few lines; the work lives in `src/batchscore`.
 """
 
 from batchscore.config import Settings
-from batchscore.evaluation import metrics_only
 from batchscore.models import (
     BRANCH_CPUS,
     DEFAULT_THRESHOLD_METRIC,
@@ -95,6 +94,8 @@ class TrainModelsFlow(FlowSpec):
     @step
     def evaluate(self):
         """Test-split metrics and figures; the champion is chosen by CV, not by these."""
+        from batchscore.evaluation import metrics_only  # matplotlib: this step only
+
         results, self.pngs = evaluate_all(self.trained, self.data)
         self.metrics = metrics_only(results)
         self.cv_scores = {name: model.cv_score for name, model in self.trained.items()}
