@@ -125,6 +125,14 @@ def test_an_unknown_threshold_metric_lists_the_known_ones(small_data):
         assert metric in str(info.value)
 
 
+@pytest.mark.parametrize("metric", THRESHOLD_METRICS)
+def test_every_threshold_metric_chooses_a_threshold(small_data, metric):
+    features, labels = small_data
+    trained = train_model("logreg", features, labels, cv_folds=2, threshold_metric=metric)
+    assert trained.threshold_metric == metric
+    assert 0.0 < trained.threshold < 1.0
+
+
 def test_another_threshold_metric_moves_the_threshold():
     features, labels = _rare_positives(1_000, seed=1)
     f1 = train_model("logreg", features, labels, cv_folds=3)
