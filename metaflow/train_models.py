@@ -129,7 +129,7 @@ class TrainModelsFlow(FlowSpec):
     def end(self):
         """The summary: every model's metrics and the champion."""
         print_metrics(self.metrics, self.cv_scores, self.champion)
-        print_mapping("decision thresholds (label 1 when proba >= threshold)", self.thresholds)
+        print_mapping("thresholds", self.thresholds)  # label 1: proba >= threshold
         print(f"champion: {self.champion} -> {self.model_uris[self.champion]}")
 
 
