@@ -8,6 +8,7 @@ Every step is a few lines; the work lives in `src/batchscore`.
 """
 
 from batchscore.config import Settings
+from batchscore.fail_fast import fail_fast
 from batchscore.models import (
     BRANCH_CPUS,
     DEFAULT_THRESHOLD_METRIC,
@@ -35,7 +36,8 @@ class TrainModelsFlow(FlowSpec):
     positive_class = Parameter(
         "positive_class",
         default="",
-        help="label value that counts as positive (default: the larger)",
+        help="label value that counts as positive (default: 1, True or yes-like; needed "
+        "for other text labels)",
     )
     test_size = Parameter("test_size", default=0.2, type=float, help="share of rows held out")
     random_state = Parameter("random_state", default=42, type=int)
@@ -54,6 +56,7 @@ class TrainModelsFlow(FlowSpec):
         self.next(self.load_and_prepare_data)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def load_and_prepare_data(self):
         """Load, split, and publish the test split as the batch flow's default input."""
@@ -64,6 +67,7 @@ class TrainModelsFlow(FlowSpec):
             self.random_state,
             Settings(),
             self.positive_class or None,
+            run_id=f"{current.flow_name}/{current.run_id}",
         )
         self.model_names = list(MODEL_NAMES)
         self.next(self.train_model, foreach="model_names")

@@ -5,6 +5,7 @@ python -m batchscore lookup 3f2a...            # one or more row keys
 python -m batchscore lookup --csv rows.csv     # raw feature rows: keys computed here
 python -m batchscore lookup --sample 5         # the first rows of the live version's input
 python -m batchscore stop-embedded             # stop the embedded Redis server
+python -m batchscore serve --port 8000          # the HTTP prediction service (batchscore.service)
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from batchscore.config import Settings
-from batchscore.data import InputError, iter_frames, to_feature_frame
+from batchscore.data import InputError, iter_frames
 from batchscore.embedded_redis import stop_server
-from batchscore.keys import id_keys, row_keys
 from batchscore.online import OnlineStore
 
 
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the first N rows of the table the live version was scored from",
     )
     commands.add_parser("stop-embedded", help="stop the embedded Redis server, if running")
+    _add_serve(commands)
     return parser
 
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
     console = Console(width=140)
+    if args.command == "serve":
+        return _serve(args)
     try:
         if args.command == "stop-embedded":
             stopped = stop_server(settings.embedded_redis_path)
@@ -96,17 +99,15 @@ def _lookup(
         raise InputError("give row keys, --csv or --sample: exactly one of them")
     keys = list(args.keys)
     if args.csv:
-        columns = online.feature_columns()
+        # Rows are keyed as the live version keyed them (its manifest says how), with the
+        # batch flow's own checks: a missing column or a bad cell is named.
+        version = online.current()
+        _, id_column = online.key_scheme(version)
+        columns = [] if id_column else online.feature_columns(version)
+        text = [id_column] if id_column else []
         rows = 0
-        for frame in iter_frames(args.csv, settings, numeric_columns=columns):
-            if settings.id_column and settings.id_column in frame.columns:
-                # The same id rules as the batch flow, so a lookup keys rows as it did.
-                ids = frame[settings.id_column]
-                keys += id_keys(ids, args.csv, settings.id_column, rows + 1)
-            else:
-                # The same schema check as the batch flow: names a missing column, a bad cell.
-                features = to_feature_frame(frame, columns, args.csv, rows + 1)
-                keys += row_keys(features.to_numpy())
+        for frame in iter_frames(args.csv, settings, numeric_columns=columns, text_columns=text):
+            keys += online.keys_for(frame, version, columns, args.csv, rows + 1)
             rows += len(frame)
             if args.limit and len(keys) >= args.limit:
                 keys = keys[: args.limit]
@@ -130,3 +131,36 @@ def _lookup(
     found = sum(p is not None for p in predictions)
     console.print(f"{found} of {len(keys)} found")
     return 0 if found == len(keys) else 1
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="the HTTP prediction service (see /docs)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the service under uvicorn; with several workers, their metrics are merged."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its counters here; /metrics adds them up (prometheus_client).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="batchscore-metrics-")
+    uvicorn.run(
+        "batchscore.service:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=args.access_log,
+        server_header=False,
+    )
+    return 0
