@@ -89,3 +89,23 @@ def test_figures_are_pngs_for_every_model_and_roc():
     for name, data in pngs.items():
         assert data.startswith(PNG_SIGNATURE), name
         assert len(data) > 1000, name
+
+
+def test_metrics_are_at_the_models_threshold():
+    # Probabilities are sigmoid(x). A threshold between sigmoid(-2) and sigmoid(-1)
+    # predicts 1 for x >= -1: the same rows as the shifted model above, so the same counts.
+    threshold = round(float(1 / (1 + np.exp(1.5))), 6)
+    result = evaluate_model(_threshold_model(), X, Y, threshold)
+    assert result["threshold"] == threshold
+    assert result["precision"] == pytest.approx(3 / 4)
+    assert result["recall"] == pytest.approx(3 / 4)
+    assert result["confusion"] == [[1, 1], [1, 3]]
+    # ROC AUC does not depend on any threshold.
+    assert result["roc_auc"] == evaluate_model(_threshold_model(), X, Y)["roc_auc"]
+
+
+def test_a_probability_at_the_threshold_counts_as_positive():
+    # The x = -1 row's probability, as published (6 decimals), is the threshold itself.
+    at_minus_one = round(float(1 / (1 + np.exp(1.0))), 6)
+    result = evaluate_model(_threshold_model(), X, Y, at_minus_one)
+    assert result["confusion"] == [[1, 1], [1, 3]]  # x = -1 predicted 1, x = -2 not

@@ -74,6 +74,9 @@ model_metrics = Table(
     Column("model_uri", String(1000), nullable=False),
     Column("model_sha256", String(64), nullable=False),
     Column("is_champion", Boolean, nullable=False, default=False),
+    # Decision threshold on the positive-class probability, chosen by CV at training.
+    # Added after the first release: NULL in older rows, which labelled at 0.5.
+    Column("threshold", Float),
 )
 
 batch_runs = Table(
@@ -114,6 +117,7 @@ class ModelRecord:
     feature_columns: list[str]
     classes: tuple[str, str]  # (negative, positive): label 0 and label 1
     is_champion: bool
+    threshold: float = 0.5  # label 1 when the positive-class probability reaches it
 
 
 class Tracker:
@@ -179,6 +183,7 @@ class Tracker:
                 feature_columns=list(run.feature_columns),
                 classes=(run.negative_class, run.positive_class),
                 is_champion=row.is_champion,
+                threshold=0.5 if row.threshold is None else row.threshold,
             )
             for row in rows
         ]
@@ -253,19 +258,18 @@ class Tracker:
 
 
 def _add_missing_columns(conn: Connection) -> None:
-    """Columns added since a database was created, added to it (all of them nullable).
-
-    `create_all` makes missing tables only; without this, a database from an earlier
-    release would refuse every insert that names a new column.
-    """
-    existing = inspect(conn)
+    """Bring a database made by an older release up to date: schema changes are only ever
+    new nullable columns, which `create_all` does not add to an existing table."""
+    inspector = inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
     for table in metadata.sorted_tables:
-        have = {column["name"] for column in existing.get_columns(table.name)}
+        present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
-            if column.name not in have and column.nullable:
+            if column.name not in present:
                 kind = column.type.compile(dialect=conn.dialect)
-                name = conn.dialect.identifier_preparer.quote(column.name)
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+                conn.execute(
+                    text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+                )
 
 
 def _make_sqlite_folder(url: str) -> None:

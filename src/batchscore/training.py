@@ -8,13 +8,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from batchscore.config import Settings
 from batchscore.data import Dataset, load_dataset
 from batchscore.drift import ReferenceProfile
-from batchscore.evaluation import evaluate_model, figures
-from batchscore.models import TrainedModel, dump_model, positive_proba
+from batchscore.models import TrainedModel, dump_model
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
 
@@ -48,6 +46,8 @@ def prepare_data(
     The split goes under the run's own path (`data/<run>/<dataset>.csv`), never shared:
     a later run, even one that fails, cannot change the data an earlier batch was scored on.
     """
+    from sklearn.model_selection import train_test_split  # here: every task imports this file
+
     dataset: Dataset = load_dataset(source, target, positive_class, settings)
     if not 0 < test_size < 1:
         raise ValueError(f"test_size must be between 0 and 1, not {test_size}")
@@ -91,8 +91,10 @@ def evaluate_all(
     trained: dict[str, TrainedModel], data: PreparedData
 ) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:
     """Every model on the test split: full results (for the card) and PNG figures."""
+    from batchscore.evaluation import evaluate_model, figures  # matplotlib: this step only
+
     results = {
-        name: evaluate_model(model.estimator, data.test_features, data.test_labels)
+        name: evaluate_model(model.estimator, data.test_features, data.test_labels, model.threshold)
         for name, model in trained.items()
     }
     return results, figures(results, data.test_labels, data.classes)
@@ -130,6 +132,7 @@ def save_training(
             **metrics[name],
             "cv_score": model.cv_score,
             "best_params": _jsonable(model.best_params),
+            "threshold": model.threshold,
             "model_uri": model_uris[name],
             "model_sha256": sha256,
         }
@@ -156,6 +159,8 @@ def save_training(
 
 def reference_profile(champion: TrainedModel, data: PreparedData) -> ReferenceProfile:
     """The training features' bins and the champion's scores on the rows it learned from."""
+    from batchscore.models import positive_proba
+
     scores = positive_proba(champion.estimator, data.train_features)
     return ReferenceProfile.build(
         data.train_features.to_numpy(), data.feature_columns, scores, champion.name
