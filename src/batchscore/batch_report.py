@@ -40,6 +40,7 @@ class BatchReport:
     gate: GateResult
     seconds: dict[str, float] = field(default_factory=dict)
     rejected_uri: str | None = None
+    noise: float = 0.0  # PSI that sampling alone gives at this size, allowed on top
 
     @property
     def max_drift(self) -> float:
@@ -105,6 +106,7 @@ def build_report(
         live_version=live_version,
         drift=profile.drift(reference),
         gate=gate,
+        noise=max(profile.noise(reference).values(), default=0.0),
         seconds=dict(seconds or {}),
         rejected_uri=rejected_uri,
     )
@@ -165,6 +167,7 @@ def card_components(report: BatchReport) -> list[Any]:
                 ["duplicate rows (written once)", f"{report.duplicates:,}"],
                 ["rows rejected", f"{report.rows_rejected:,}"],
                 ["largest feature PSI", f"{report.max_drift:.4f}"],
+                ["PSI from sampling alone at this size", f"{report.noise:.4f}"],
             ]
             + ([["rejected rows file", report.rejected_uri]] if report.rejected_uri else []),
             headers=["", ""],

@@ -544,8 +544,10 @@ def _as_finite(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         text = pc.utf8_trim_whitespace(column)
         number = pc.fill_null(pc.match_substring_regex(text, _NUMBER, ignore_case=True), False)
-        not_number = np.asarray(pc.and_(pc.invert(number), pc.is_valid(text)))
+        blank = pc.fill_null(pc.equal(text, ""), True)  # an empty cell is a missing value
+        not_number = np.asarray(pc.and_(pc.invert(number), pc.invert(blank)))
         problems[not_number] = "not a number"
+        # Arrow's text-to-float64 cast is the parser its CSV reader uses: keys stay exact.
         column = pc.cast(pc.if_else(number, text, pa.scalar(None, pa.string())), pa.float64())
     elif not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
         raise InputError(f"column of type {column.type} cannot hold feature values")

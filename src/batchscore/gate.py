@@ -26,15 +26,20 @@ def check(
     rows_rejected: int,
     max_drift: float,
     max_bad_rows: float,
+    noise: dict[str, float] | None = None,
 ) -> GateResult:
-    """Pass when every feature's PSI is at most `max_drift` and the share of rejected rows
-    at most `max_bad_rows`; otherwise say which limit broke, naming the worst features."""
+    """Pass when every feature's PSI is at most `max_drift` (plus the PSI that sampling
+    alone gives at this batch's size, `noise`) and the share of rejected rows at most
+    `max_bad_rows`; otherwise say which limit broke, naming the worst features."""
     if max_drift < 0:
         raise ValueError(f"max_drift must be 0 or more, not {max_drift}")
     if not 0 <= max_bad_rows <= 1:
         raise ValueError(f"max_bad_rows is a share between 0 and 1, not {max_bad_rows}")
     reasons = []
-    drifted = {name: value for name, value in drift.items() if value > max_drift}
+    noise = noise or {}
+    drifted = {
+        name: value for name, value in drift.items() if value > max_drift + noise.get(name, 0.0)
+    }
     if drifted:
         worst = sorted(drifted.items(), key=lambda item: -item[1])[:3]
         named = ", ".join(f"{name!r} {value:.2f}" for name, value in worst)
@@ -47,3 +52,10 @@ def check(
             f"more than --max_bad_rows {max_bad_rows:g}"
         )
     return GateResult(not reasons, reasons)
+
+
+class GateBlocked(ValueError):
+    """The batch failed the gate: it stays staged, and the run ends non-zero.
+
+    A ValueError, so `@fail_fast` reports it in one line and Metaflow does not retry it.
+    """

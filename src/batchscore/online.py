@@ -130,6 +130,16 @@ return previous
 """
 
 
+# HSET into a manifest only while it exists. KEYS: manifest. ARGV: field, value, ...
+_ANNOTATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
 class PublishError(RuntimeError):
     """The new version is incomplete or lost keys; `current` was left where it was."""
 
@@ -236,6 +246,7 @@ class OnlineStore:
         self._publish = client.register_script(_PUBLISH)
         self._record_shard = client.register_script(_RECORD_SHARD)
         self._rollback = client.register_script(_ROLLBACK)
+        self._annotate = client.register_script(_ANNOTATE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnlineStore:
@@ -508,7 +519,8 @@ class OnlineStore:
         info = {
             k: v
             for k, v in manifest.items()
-            if not k.startswith("shard:") and k not in ("feature_columns", "classes")
+            if not k.startswith("shard:")
+            and k not in ("feature_columns", "classes", "score_counts")
         }
         published_at = float(info.pop("published_at", "nan"))
         return {
@@ -538,18 +550,39 @@ class OnlineStore:
             raise PublishError(f"rollback refused: {exc}") from exc
         return current or "", restored.decode()
 
+    SUMMARY_FIELDS = (
+        "status", "run_id", "model", "published_at", "keys_expected", "shards_expected",
+        "gate", "max_drift", "score_counts",
+    )  # fmt: skip
+
     def manifests(self) -> dict[str, dict[str, str]]:
-        """Every version Redis still knows (published or staged), newest first."""
+        """Every version Redis still knows (published or staged), newest first: the
+        manifest's summary fields (not its key samples, which only `verify` reads)."""
         names = {v.decode() for v in self.client.zrange(self.versions, 0, -1)}
         names |= {v.decode() for v in self.client.zrange(self.staged, 0, -1)}
-        pipe = self.client.pipeline(transaction=False)
         ordered = sorted(names, reverse=True)
+        pipe = self.client.pipeline(transaction=False)
         for version in ordered:
-            pipe.hgetall(self.manifest(version))
-        return {
-            version: {k.decode(): v.decode() for k, v in fields.items()}
-            for version, fields in zip(ordered, pipe.execute(), strict=True)
-        }
+            pipe.hmget(self.manifest(version), self.SUMMARY_FIELDS)
+        found = {}
+        for version, values in zip(ordered, pipe.execute(), strict=True):
+            fields = {k: v.decode() for k, v in zip(self.SUMMARY_FIELDS, values, strict=True) if v}
+            if fields:  # a manifest retired between the two reads is gone, not empty
+                found[version] = fields
+        return found
+
+    def annotate(self, version: str, fields: dict[str, Any]) -> bool:
+        """Add fields to a version's manifest, unless the version is gone (retired or
+        discarded meanwhile: a manifest must never come back without its keys)."""
+        values = [
+            str(v) if isinstance(v, str | int | float) else json.dumps(v) for v in fields.values()
+        ]
+        return bool(
+            self._annotate(
+                keys=[self.manifest(version)],
+                args=[x for pair in zip(fields, values, strict=True) for x in pair],
+            )
+        )
 
 
 class ShardWriter:

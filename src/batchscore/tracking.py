@@ -118,6 +118,9 @@ class ModelRecord:
     classes: tuple[str, str]  # (negative, positive): label 0 and label 1
     is_champion: bool
     threshold: float = 0.5  # label 1 when the positive-class probability reaches it
+    # The training run's reference profile for the drift gate (None: recorded before it).
+    profile_uri: str | None = None
+    profile_sha256: str | None = None
 
 
 class Tracker:
@@ -184,6 +187,8 @@ class Tracker:
                 classes=(run.negative_class, run.positive_class),
                 is_champion=row.is_champion,
                 threshold=0.5 if row.threshold is None else row.threshold,
+                profile_uri=run.profile_uri,
+                profile_sha256=run.profile_sha256,
             )
             for row in rows
         ]
