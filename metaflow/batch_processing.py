@@ -192,7 +192,8 @@ class BatchProcessingFlow(FlowSpec):
         if self.gate.startswith("blocked"):
             raise GateBlocked(
                 f"{self.version} {self.gate}. It stays staged: see the card "
-                f"(card get {current.flow_name}/{current.run_id}/ingest_redis), then "
+                f"(python metaflow/batch_processing.py card get {current.run_id}/ingest_redis "
+                "card.html), then "
                 f"`python -m batchscore promote {self.version}` to publish it anyway"
             )
 

@@ -30,6 +30,8 @@ def history(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
             state = "retired"
         else:
             state = manifest.get("status", "staged")
+            if state == "current":  # it was, until a newer version went live
+                state = "published"
         rows.append(
             {
                 "version": version,
