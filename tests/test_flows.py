@@ -71,6 +71,7 @@ def check_batch(run, settings) -> None:
     # The run's scratch shards are deleted once it published.
     assert data.shards and not any(store.exists(uri) for uri in data.shards)
     assert data.keys_written == len(published)
+    assert data.gate == "passed"  # the champion's own test split passes the drift gate
     online = OnlineStore.from_settings(settings)
     assert online.current() == data.version
     # Every row, looked up from its raw features, carries the champion's own prediction.
