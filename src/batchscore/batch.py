@@ -528,7 +528,7 @@ def _report(
     rejected = plan.rows_rejected if plan else 0
     drift = profile.drift(reference)
     live = online.current()
-    live_counts = online.manifests().get(live, {}).get("score_counts") if live else None
+    live_counts = online.client.hget(online.manifest(live), "score_counts") if live else None
     seconds: dict[str, float] = {}
     for result in results:
         for stage_name, value in result.seconds.items():
