@@ -153,6 +153,10 @@ def test_service_mode_end_to_end(service_env, tmp_path, settings_for, notebook_r
         assert champion.model == train.data.champion
         assert len(champion.model_sha256) == 64
         assert conn.execute(select(training_runs.c.champion)).scalar() == train.data.champion
+        profile = conn.execute(
+            select(training_runs.c.profile_uri, training_runs.c.profile_sha256)
+        ).one()
+        assert profile.profile_uri.endswith("/profile.json") and len(profile.profile_sha256) == 64
 
     # Re-recording the same run (a retried store_results) replaces, never duplicates.
     from batchscore.tracking import Tracker
@@ -172,6 +176,7 @@ def test_service_mode_end_to_end(service_env, tmp_path, settings_for, notebook_r
             "n_train": 455,
             "n_test": 114,
             "batch_input_uri": train.data.data.batch_input_uri,
+            **profile._asdict(),
         },
         {
             m: {k: v for k, v in r.items() if k not in ("run_id", "model", "is_champion")}
