@@ -10,6 +10,7 @@ a staged Redis version; `ingest_redis` switches readers to it once every shard l
 from batchscore.batch import default_input, load_models, plan_shards, publish, score_shard, stage
 from batchscore.config import Settings
 from batchscore.online import new_version, ttl_seconds
+from batchscore.preflight import require_services
 from batchscore.report import print_mapping
 from metaflow import FlowSpec, Parameter, current, resources, retry, step, timeout
 
@@ -34,7 +35,9 @@ class BatchProcessingFlow(FlowSpec):
 
     @step
     def start(self):
-        """Name this run's prediction-set version: sortable by start time."""
+        """Name this run's prediction-set version: sortable by start time. Stop now if a
+        service is unreachable."""
+        require_services(Settings())
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"
         self.version = new_version(self.run_pathspec)
         self.next(self.load_model)

@@ -10,6 +10,7 @@ Every step is a few lines; the work lives in `src/batchscore`.
 from batchscore.config import Settings
 from batchscore.evaluation import metrics_only
 from batchscore.models import MODEL_NAMES, choose_champion, train_model
+from batchscore.preflight import require_services
 from batchscore.report import card_components, print_mapping, print_metrics
 from batchscore.training import evaluate_all, prepare_data, save_training
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
@@ -36,8 +37,9 @@ class TrainModelsFlow(FlowSpec):
 
     @step
     def start(self):
-        """Say where data, metrics and models will go."""
+        """Say where data, metrics and models will go; stop now if a service is unreachable."""
         print_mapping("batchscore services", Settings().describe())
+        require_services(Settings())
         self.next(self.load_and_prepare_data)
 
     @retry(times=RETRIES)

@@ -227,5 +227,7 @@ def test_env_example_derives_every_copy_of_a_secret(tmp_path, monkeypatch):
     assert settings.aws_secret_access_key == "minio-pw-1"
     assert settings.s3_endpoint_url == "http://localhost:9000"
     assert settings.redis_url == "redis://:redis-pw-1@localhost:6380/0"
-    assert settings.database_url == "postgresql+psycopg2://batchscore:db-1@localhost:5432/batchscore"
+    assert (
+        settings.database_url == "postgresql+psycopg2://batchscore:db-1@localhost:5432/batchscore"
+    )
     assert settings.home == (project / ".batchscore").resolve()

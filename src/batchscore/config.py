@@ -20,7 +20,6 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # What marks the project's folder, as `.metaflow` marks Metaflow's local datastore.
 PROJECT_MARKERS = ("pyproject.toml", ".git", ".env")
 
