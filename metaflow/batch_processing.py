@@ -7,6 +7,7 @@ Shards are scored in parallel (`--max-workers` locally, one pod each on Kubernet
 a staged Redis version; `ingest_redis` switches readers to it once every shard landed.
 """
 
+import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.batch import default_input, load_models, plan_shards, publish, score_shard, stage
 from batchscore.config import Settings
 from batchscore.online import new_version, ttl_seconds

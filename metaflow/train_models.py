@@ -7,6 +7,7 @@
 Every step is a few lines; the work lives in `src/batchscore`.
 """
 
+import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.config import Settings
 from batchscore.evaluation import metrics_only
 from batchscore.models import MODEL_NAMES, choose_champion, train_model
