@@ -49,7 +49,10 @@ def check_training(run, settings) -> None:
     store = ObjectStore.from_settings(settings)
     for uri in data.model_uris.values():
         assert store.exists(uri)
-    assert set(data.plot_uris) == {f"confusion_{m}.png" for m in MODEL_NAMES} | {"roc.png"}
+    assert set(data.plot_uris) == {f"confusion_{m}.png" for m in MODEL_NAMES} | {
+        "confusion_matrices.png",
+        "roc.png",
+    }
     for uri in data.plot_uris.values():
         assert store.get_bytes(uri).startswith(b"\x89PNG")
     published = read_csv(store, "data/breast_cancer.csv")
