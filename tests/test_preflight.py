@@ -107,3 +107,29 @@ def test_flow_stops_in_start_with_one_line(flow_file, service_env, tmp_path):
     assert "s3cret-pw" not in output
     assert [step.id for step in run] == ["start"]  # nothing after it ran
     assert len(list(run["start"])) == 1
+
+
+def test_notebook_names_the_setting_when_redis_is_unreachable(tmp_path, monkeypatch):
+    """Run from notebooks/ as Jupyter does, against a Redis that is not there."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    port = closed_port()
+    (project / ".env").write_text(f"BATCHSCORE_REDIS_URL=redis://:s3cret-pw@127.0.0.1:{port}/0\n")
+    monkeypatch.setenv("BATCHSCORE_HOME", str(tmp_path / "home"))
+    notebook = nbformat.read(ROOT / "notebooks" / "predictions.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(project / "notebooks")}},
+    )
+    with pytest.raises(CellExecutionError) as caught:
+        client.execute()
+    message = str(caught.value)
+    assert f"BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): connection refused" in message
+    assert "s3cret-pw" not in message
