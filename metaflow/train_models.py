@@ -2,7 +2,7 @@
 
     python metaflow/train_models.py run
     python metaflow/train_models.py run --dataset my.csv --target label
-    python metaflow/train_models.py card view evaluate
+    python metaflow/train_models.py card get evaluate card.html   # the evaluation card, as HTML
 
 Every step is a few lines; the work lives in `src/batchscore`.
 """
