@@ -64,8 +64,12 @@ def test_missing_database_names_the_setting(service_env, settings_for, postgres_
     from sqlalchemy.engine import make_url
 
     url = make_url(postgres_url).set(database="no_such_db_here").render_as_string(False)
-    with pytest.raises(ServiceError, match=r"^BATCHSCORE_DATABASE_URL \(.*no_such_db_here\): "):
+    with pytest.raises(ServiceError) as caught:
         check_services(settings_for({**service_env, "BATCHSCORE_DATABASE_URL": url}))
+    assert str(caught.value).startswith("BATCHSCORE_DATABASE_URL (")
+    assert str(caught.value).endswith(
+        '/no_such_db_here): database "no_such_db_here" does not exist'
+    )
 
 
 @pytest.mark.services
@@ -133,3 +137,8 @@ def test_notebook_names_the_setting_when_redis_is_unreachable(tmp_path, monkeypa
     message = str(caught.value)
     assert f"BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): connection refused" in message
     assert "s3cret-pw" not in message
+
+
+def test_a_password_in_a_drivers_message_is_masked_too():
+    error = ServiceError("BATCHSCORE_REDIS_URL", "redis://:pw-123@h:1/0", "bad pw-123 given")
+    assert str(error) == "BATCHSCORE_REDIS_URL (redis://:***@h:1/0): bad *** given"

@@ -1,7 +1,7 @@
 """Fail fast: reach every configured service before any work starts, and name the setting.
 
 A wrong `BATCHSCORE_DATABASE_URL` should stop a run in its first second, not after five
-models trained. Both flows' `start` step call `require_services`, the notebook's first cell
+models trained. Both flows' `start` steps call `require_services`, the notebook's first cell
 `check_services`; a failure is one line a user can act on:
 
     BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:6999/0): connection refused
@@ -18,8 +18,11 @@ from batchscore.config import Settings, mask_url
 
 CONNECT_TIMEOUT_SECONDS = 5
 
-# Short, actionable reasons for the messages drivers give (psycopg2, redis-py, botocore).
+# Short, actionable reasons for the messages drivers give (psycopg2, redis-py, botocore);
+# None: the matched text itself.
 _REASONS = (
+    (r'database "[^"]+" does not exist', None),
+    (r"called without any password configured", "the server has no password: drop it from the URL"),
     (r"connection refused|\berrno 111\b|\berror 111\b", "connection refused"),
     (
         r"name or service not known|could not translate host name|nodename nor servname"
@@ -39,6 +42,9 @@ class ServiceError(RuntimeError):
     """A configured service cannot be used; the message names the variable and masked URL."""
 
     def __init__(self, variable: str, url: str, reason: str) -> None:
+        password = urlsplit(url).password
+        if password and password != "***":  # a driver's message must not leak it either
+            reason = reason.replace(password, "***")
         self.variable, self.url, self.reason = variable, mask_url(url), reason
         super().__init__(f"{variable} ({self.url}): {reason}")
 
@@ -47,8 +53,8 @@ def reason(exc: BaseException) -> str:
     """What went wrong, in a few words: the drivers' messages run to several lines."""
     text = " ".join(str(e) for e in _chain(exc)).lower()
     for pattern, short in _REASONS:
-        if re.search(pattern, text):
-            return short
+        if match := re.search(pattern, text):
+            return short or match.group(0)
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:200]
 
