@@ -471,3 +471,20 @@ def test_dockerignore_keeps_local_state_and_secrets_out_of_images():
     patterns = {line.strip().removeprefix("**/") for line in DOCKERIGNORE.read_text().splitlines()}
     for path in (".env", ".venv", ".git", ".batchscore", ".metaflow", "__pycache__"):
         assert path in patterns, path
+
+
+def test_shell_export_of_env_example_derives_the_same_values():
+    """The Makefile and the README export `.env` with `set -a; . ./.env`: the shell must
+    expand every ${VAR} as python-dotenv (and Compose) do."""
+    import subprocess
+
+    shell = subprocess.run(
+        ["sh", "-c", 'set -a; . "$0"; set +a; env -0', str(ENV_EXAMPLE)],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    exported = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
+    for name, value in env_example_expanded().items():
+        assert exported.get(name, "") == value, name
