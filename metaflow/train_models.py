@@ -116,6 +116,7 @@ class TrainModelsFlow(FlowSpec):
         """The summary: every model's metrics and the champion."""
         print_metrics(self.metrics, self.cv_scores, self.champion)
         print(f"champion: {self.champion} -> {self.model_uris[self.champion]}")
+        print(f"card: python metaflow/train_models.py card get {current.run_id}/evaluate card.html")
 
 
 if __name__ == "__main__":

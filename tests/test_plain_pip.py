@@ -12,6 +12,7 @@ covers Metaflow's refusal of `root`. The clone is of the committed HEAD.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def test_pip_install_then_both_flows_in_a_fresh_clone(tmp_path):
     try:
         train = run([python, "metaflow/train_models.py", "run"], clone, env)
         assert "champion:" in train
+        # The card command the run prints works headless, and for another user (namespace).
+        printed = re.search(
+            r"card: python (metaflow/train_models\.py card get \S+ card\.html)", train
+        )
+        assert printed, train[-2000:]
+        run([python, *printed.group(1).split()], clone, {**env, "METAFLOW_USER": "someone-else"})
+        assert "Model evaluation" in (clone / "card.html").read_text()
         batch = run([python, "metaflow/batch_processing.py", "run"], clone, env)
         assert "rows scored" in batch
         status = run([python, "-m", "batchscore", "status"], clone, env)
