@@ -66,7 +66,8 @@ def test_pip_install_then_both_flows_in_a_fresh_clone(tmp_path):
         )
         assert printed, train[-2000:]
         run([python, *printed.group(1).split()], clone, {**env, "METAFLOW_USER": "someone-else"})
-        assert "Model evaluation" in (clone / "card.html").read_text()
+        run_id = printed.group(1).split()[3].split("/")[0]
+        assert f"TrainModelsFlow/{run_id}/evaluate/" in (clone / "card.html").read_text()
         batch = run([python, "metaflow/batch_processing.py", "run"], clone, env)
         assert "rows scored" in batch
         status = run([python, "-m", "batchscore", "status"], clone, env)
