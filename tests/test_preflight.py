@@ -6,15 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from tcp_proxy import closed_port
 
 from batchscore.preflight import ServiceError, check_services
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def closed_port() -> int:
-    return free_port()  # bound and released: nothing listens there
 
 
 def test_reachable_services_pass(service_env, settings_for):

@@ -19,9 +19,10 @@ from batchscore.config import Settings, mask_url
 CONNECT_TIMEOUT_SECONDS = 5
 
 # Short, actionable reasons for the messages drivers give (psycopg2, redis-py, botocore);
-# None: the matched text itself.
+# None: the matched text itself (its group, if it has one). First match wins.
 _REASONS = (
     (r'database "[^"]+" does not exist', None),
+    (r"server closed the connection unexpectedly", "the server closed the connection"),
     (r"called without any password configured", "the server has no password: drop it from the URL"),
     (r"connection refused|\berrno 111\b|\berror 111\b", "connection refused"),
     (
@@ -35,6 +36,7 @@ _REASONS = (
         r"|noauth|invalid username-password|auth.* failed|no password supplied",
         "authentication failed (check the password)",
     ),
+    (r"connection to server at [^\n]*? failed: ([^\n]+)", None),  # psycopg2, any other cause
 )
 
 
@@ -54,7 +56,7 @@ def reason(exc: BaseException) -> str:
     text = " ".join(str(e) for e in _chain(exc)).lower()
     for pattern, short in _REASONS:
         if match := re.search(pattern, text):
-            return short or match.group(0)
+            return short or match.group(match.lastindex or 0).strip()
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:200]
 
