@@ -10,6 +10,7 @@ a staged Redis version; `ingest_redis` switches readers to it once every shard l
 import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.batch import default_input, load_models, plan_shards, publish, score_shard, stage
 from batchscore.config import Settings
+from batchscore.fail_fast import fail_fast
 from batchscore.online import new_version, ttl_seconds
 from batchscore.preflight import require_services
 from batchscore.report import print_mapping
@@ -44,6 +45,7 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.load_model)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def load_model(self):
         """The recorded champion (or all models), checked against its SHA-256 before loading."""
@@ -53,6 +55,7 @@ class BatchProcessingFlow(FlowSpec):
 
     @resources(cpu=1, memory=4096)
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def load_data(self):
         """Validate every input row against the model's schema, cut it into shards."""
@@ -78,6 +81,7 @@ class BatchProcessingFlow(FlowSpec):
     @resources(cpu=2, memory=4096)
     @retry(times=RETRIES)
     @timeout(hours=2)
+    @fail_fast
     @step
     def batch_processing(self):
         """One shard: key, predict, write under the staged version."""
@@ -92,11 +96,13 @@ class BatchProcessingFlow(FlowSpec):
         self.next(self.ingest_redis)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def ingest_redis(self, inputs):
         """Check every shard's keys landed, then switch readers to the new version."""
         self.merge_artifacts(
-            inputs, include=["run_pathspec", "version", "bundle", "input_uri", "model_name"]
+            inputs,
+            include=["run_pathspec", "version", "bundle", "input_uri", "model_name", "shards"],
         )
         result = publish(
             self.run_pathspec,
@@ -105,6 +111,7 @@ class BatchProcessingFlow(FlowSpec):
             self.input_uri,
             self.bundle,
             Settings(),
+            scratch=self.shards,
         )
         self.rows_scored, self.keys_written = result.rows_scored, result.keys_written
         self.published = result.published

@@ -10,6 +10,7 @@ Every step is a few lines; the work lives in `src/batchscore`.
 import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.config import Settings
 from batchscore.evaluation import metrics_only
+from batchscore.fail_fast import fail_fast
 from batchscore.models import MODEL_NAMES, choose_champion, train_model
 from batchscore.preflight import require_services
 from batchscore.report import card_components, print_mapping, print_metrics
@@ -30,7 +31,8 @@ class TrainModelsFlow(FlowSpec):
     positive_class = Parameter(
         "positive_class",
         default="",
-        help="label value that counts as positive (default: the larger)",
+        help="label value that counts as positive (default: 1, True or yes-like; needed "
+        "for other text labels)",
     )
     test_size = Parameter("test_size", default=0.2, type=float, help="share of rows held out")
     random_state = Parameter("random_state", default=42, type=int)
@@ -44,6 +46,7 @@ class TrainModelsFlow(FlowSpec):
         self.next(self.load_and_prepare_data)
 
     @retry(times=RETRIES)
+    @fail_fast
     @step
     def load_and_prepare_data(self):
         """Load, split, and publish the test split as the batch flow's default input."""
@@ -54,6 +57,7 @@ class TrainModelsFlow(FlowSpec):
             self.random_state,
             Settings(),
             self.positive_class or None,
+            run_id=f"{current.flow_name}/{current.run_id}",
         )
         self.model_names = list(MODEL_NAMES)
         self.next(self.train_model, foreach="model_names")

@@ -31,14 +31,11 @@ for _name in ("STORE_URL", "DATABASE_URL", "REDIS_URL", "ID_COLUMN", "HOME", "RE
     os.environ.pop(f"BATCHSCORE_{_name}", None)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# The S3 endpoint too: this process's Metaflow client reads artifacts through it.
-_MOTO_PORT = free_port()
+# The S3 endpoint too: this process's Metaflow client reads artifacts through it. Its port
+# is held, bound and listening, from now on (moto serves on this very socket later), so no
+# other process can take it in between.
+_MOTO_SOCKET = socket.create_server(("127.0.0.1", 0))
+_MOTO_PORT = _MOTO_SOCKET.getsockname()[1]
 os.environ["METAFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{_MOTO_PORT}"
 for _name, _value in {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -114,9 +111,7 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(postgres_server_url).set(database=name).render_as_string(
-            hide_password=False
-        )
+        yield make_url(postgres_server_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -141,14 +136,22 @@ def redis_server_url() -> str:
 
 
 @pytest.fixture
-def redis_url(redis_server_url: str) -> Iterator[str]:
-    """The dedicated test database number, emptied before and after each test."""
+def redis_prefix() -> str:
+    """This test's own key prefix: tests share one Redis db (and may run at once, in other
+    processes or other checkouts), so each writes and cleans only under its own prefix."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str, redis_prefix: str) -> Iterator[str]:
+    """The test Redis; every key under this test's prefix is deleted afterwards."""
     import redis
 
-    client = redis.Redis.from_url(redis_server_url)
-    client.flushdb()
     yield redis_server_url
-    client.flushdb()
+    client = redis.Redis.from_url(redis_server_url)
+    names = list(client.scan_iter(match=f"{redis_prefix}*", count=5_000))
+    for first in range(0, len(names), 5_000):
+        client.unlink(*names[first : first + 5_000])
     client.close()
 
 
@@ -168,10 +171,32 @@ def redis_client(redis_url: str):
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free local port: a real S3 protocol endpoint, like MinIO."""
     try:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
         from moto.server import ThreadedMotoServer
+        from werkzeug.serving import make_server
     except ImportError as exc:  # pragma: no cover - moto is a test requirement
         _unavailable("moto's S3 server", exc)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_MOTO_PORT, verbose=False)
+
+    class HeldPortMotoServer(ThreadedMotoServer):
+        """moto's server on the socket held since start-up, instead of binding anew."""
+
+        def _server_entry(self) -> None:
+            self._server = make_server(
+                "127.0.0.1",
+                _MOTO_PORT,
+                DomainDispatcherApplication(create_backend_app),
+                threaded=True,
+                request_handler=MotoRequestHandler,
+                fd=_MOTO_SOCKET.fileno(),
+            )
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = HeldPortMotoServer(ip_address="127.0.0.1", port=_MOTO_PORT, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{_MOTO_PORT}"
     server.stop()
@@ -209,7 +234,7 @@ def s3_env(s3_endpoint: str) -> dict[str, str]:
 
 @pytest.fixture
 def service_env(
-    home: Path, postgres_url: str, redis_url: str, s3_env: dict[str, str]
+    home: Path, postgres_url: str, redis_url: str, redis_prefix: str, s3_env: dict[str, str]
 ) -> dict[str, str]:
     """Environment for service mode: real PostgreSQL and Redis, S3 on moto."""
     return {
@@ -217,6 +242,7 @@ def service_env(
         "BATCHSCORE_HOME": str(home),
         "BATCHSCORE_DATABASE_URL": postgres_url,
         "BATCHSCORE_REDIS_URL": redis_url,
+        "BATCHSCORE_REDIS_PREFIX": redis_prefix,
         "METAFLOW_DEFAULT_DATASTORE": "s3",
     }
 

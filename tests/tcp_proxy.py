@@ -13,6 +13,8 @@ class TcpProxy:
     - `cut()`: drop every open connection and refuse new ones (the server "dies").
     - `restore()`: accept connections again.
     - `fail_after(n)`: cut once `n` more bytes went upstream (dies mid-write).
+    - `blip_after(n)`: the same, then refuse one reconnection and accept the next (a short
+      outage that ends on a condition, not on a timer racing the client's backoff).
     """
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
@@ -23,6 +25,7 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._down = False
         self._budget: int | None = None
+        self._refusals_left: int | None = None  # refuse this many, then restore
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -47,6 +50,11 @@ class TcpProxy:
         with self._lock:
             self._budget = upstream_bytes
 
+    def blip_after(self, upstream_bytes: int, refusals: int = 1) -> None:
+        with self._lock:
+            self._budget = upstream_bytes
+            self._refusals_left = refusals
+
     def close(self) -> None:
         self._closed = True
         self.cut()
@@ -60,6 +68,11 @@ class TcpProxy:
                 return
             with self._lock:
                 down = self._down
+                if down and self._refusals_left is not None:
+                    self._refusals_left -= 1
+                    if self._refusals_left < 0:  # refused enough: back up
+                        self._down, self._budget, self._refusals_left = False, None, None
+                        down = False
             if down:
                 client.close()
                 continue

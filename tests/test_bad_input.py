@@ -83,7 +83,7 @@ def test_a_file_that_is_not_a_table_is_named(tmp_path, settings_for):
 
 
 def test_reordered_and_extra_columns_key_and_predict_like_the_original(
-    tmp_path, settings_for, redis_client
+    tmp_path, settings_for, redis_client, redis_prefix
 ):
     from sklearn.linear_model import LogisticRegression
 
@@ -92,7 +92,7 @@ def test_reordered_and_extra_columns_key_and_predict_like_the_original(
     labels = (frame["a"] > 0).astype(int)
     model = LoadedModel("logreg", LogisticRegression().fit(frame, labels), "0" * 64)
     bundle = ModelBundle("Train/1", [model], FEATURES, ("no", "yes"))
-    online = OnlineStore(redis_client, "bad")
+    online = OnlineStore(redis_client, redis_prefix)
 
     original = tmp_path / "original.parquet"
     frame.to_parquet(original)
@@ -103,17 +103,20 @@ def test_reordered_and_extra_columns_key_and_predict_like_the_original(
     for name, source in {"original": original, "shuffled": shuffled}.items():
         version = f"v-{name}"
         shards = plan_shards(str(source), FEATURES, 100, f"Flow/{name}", settings)
+        online.stage(version, {"model": "logreg"})
         result = score_shard(0, shards[0], bundle, version, settings, online=online)
         assert result.keys_written == 40
         values[name] = sorted(
             (k.decode().rsplit(":", 1)[1], v)
-            for k in redis_client.scan_iter(match=f"bad:{version}:*")
+            for k in redis_client.scan_iter(match=f"{redis_prefix}:{version}:*")
             for v in [redis_client.get(k)]
         )
     assert values["original"] == values["shuffled"]
 
 
-def test_duplicate_rows_are_written_once_and_counted(tmp_path, settings_for, redis_client):
+def test_duplicate_rows_are_written_once_and_counted(
+    tmp_path, settings_for, redis_client, redis_prefix
+):
     from sklearn.dummy import DummyClassifier
 
     settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
@@ -123,11 +126,11 @@ def test_duplicate_rows_are_written_once_and_counted(tmp_path, settings_for, red
     source = tmp_path / "dupes.csv"
     frame.to_csv(source, index=False)
     shards = plan_shards(str(source), FEATURES, 100, "Flow/1", settings)
-    result = score_shard(
-        0, shards[0], bundle, "v1", settings, online=OnlineStore(redis_client, "dup")
-    )
+    online = OnlineStore(redis_client, redis_prefix)
+    online.stage("v1", {"model": "dummy"})
+    result = score_shard(0, shards[0], bundle, "v1", settings, online=online)
     assert (result.rows_scored, result.keys_written, result.duplicates) == (7, 5, 2)
-    assert len(list(redis_client.scan_iter(match="dup:v1:*"))) == 5
+    assert len(list(redis_client.scan_iter(match=f"{redis_prefix}:v1:*"))) == 5
 
 
 def test_training_label_that_is_not_binary_is_rejected(tmp_path):
@@ -162,7 +165,7 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     online = OnlineStore.from_settings(settings)
     live = online.current()
     store = ObjectStore.from_settings(settings)
-    published = pd.read_csv(io.BytesIO(store.get_bytes("data/breast_cancer.csv")))
+    published = pd.read_csv(io.BytesIO(store.get_bytes(online.status()["input"])))
     bad = tmp_path / "bad.csv"
     published.drop(columns=["mean radius"]).to_csv(bad, index=False)
 
@@ -175,3 +178,26 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(batch_runs)).scalar() == 1
     engine.dispose()
+
+
+@pytest.mark.flows
+def test_a_bad_input_fails_the_flow_at_once_without_retries(embedded_env, tmp_path):
+    # A deterministic error is not retried: one short message naming file, column and row,
+    # no "Internal error" traceback, and the run fails on its first attempt.
+    from metaflow import Runner
+
+    path = tmp_path / "labels.csv"
+    path.write_text("x,label\n1.0,fraud\n2.0,legit\n3.0,\n")
+    env = {**embedded_env, "BATCHSCORE_STEP_RETRIES": "2"}
+    work = tmp_path / "work"
+    work.mkdir()
+    runner = Runner(str(ROOT / "metaflow" / "train_models.py"), env=env, cwd=str(work))
+    with runner.run(dataset=str(path), target="label") as running:
+        status, output = running.status, running.stdout + running.stderr
+    assert status == "failed"
+    message = f"{path}: column 'label', row 3: the label is missing"
+    assert output.count(message) == 1, output
+    assert "Internal error" not in output.split("will not be retried")[0], output
+    assert "Traceback" not in output
+    attempts = [t for t in running.run["load_and_prepare_data"]]
+    assert len(attempts) == 1 and attempts[0].current_attempt == 0

@@ -7,12 +7,22 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 from threadpoolctl import threadpool_info
 
-from batchscore.batch import SCORE_BLOCK_ROWS, ModelBundle, plan_shards, score_shard
+from batchscore.batch import (
+    SCORE_BLOCK_ROWS,
+    ModelBundle,
+    plan_shards,
+    publish,
+    score_shard,
+    stage,
+)
+from batchscore.data import InputError
 from batchscore.keys import row_keys
-from batchscore.online import OnlineStore, new_version
+from batchscore.online import OnlineStore, PublishError, new_version
 from batchscore.scoring import LoadedModel
+from batchscore.store import ObjectStore
 
 COLUMNS = ["a", "b"]
 
@@ -35,7 +45,7 @@ class RecordingModel:
 
 
 @pytest.fixture
-def planned(tmp_path, redis_url, settings_for):
+def planned(tmp_path, redis_url, redis_prefix, settings_for):
     rows = pd.DataFrame({"a": np.arange(1.0, 50_001.0), "b": np.full(50_000, 2.0)})
     rows.loc[49_999] = rows.loc[0]  # one duplicate row, written once
     path = tmp_path / "rows.parquet"
@@ -44,7 +54,7 @@ def planned(tmp_path, redis_url, settings_for):
         {
             "BATCHSCORE_HOME": str(tmp_path / "home"),
             "BATCHSCORE_REDIS_URL": redis_url,
-            "BATCHSCORE_REDIS_PREFIX": "batch",
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
             "BATCHSCORE_SCORING_THREADS": "1",
         }
     )
@@ -66,9 +76,152 @@ def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client):
     assert (result.rows_scored, result.keys_written, result.duplicates) == (50_000, 49_999, 1)
     assert model.calls == math.ceil(49_999 / SCORE_BLOCK_ROWS)  # scored a block at a time
     assert set(model.threads) == {1}  # BATCHSCORE_SCORING_THREADS capped every pool
-    assert redis_client.hget(f"batch:manifest:{version}", "shard:0") == b"49999"
+    assert redis_client.hget(online.manifest(version), "shard:0") == b"49999"
     assert online.publish(version, 49_999, 1)
     first, last = online.get_many(row_keys(rows.iloc[[0, 49_998]].to_numpy()))
     assert (first["label"], first["proba"]) == (0, round(1 / 3, 6))
     assert (last["label"], last["class"], last["proba"]) == (1, "y", round(49_999 / 50_001, 6))
     assert first["model_version"] == "ab" * 6
+
+
+# ------------------------------------------------- publishing: supersession, lost keys
+
+
+class InterruptingModel(RecordingModel):
+    """Runs `interrupt` (once) while scoring its second block: another run, mid-shard."""
+
+    def __init__(self, interrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+    def predict_proba(self, features: pd.DataFrame) -> np.ndarray:
+        if self.calls == 1 and self.interrupt:
+            self.interrupt, interrupt = None, self.interrupt
+            interrupt()
+        return super().predict_proba(features)
+
+
+def _run_parts(tmp_path, name: str, rows: int, shard_rows: int, settings):
+    frame = pd.DataFrame({"a": np.arange(1.0, rows + 1.0), "b": np.full(rows, 3.0)})
+    path = tmp_path / f"{name}.parquet"
+    frame.to_parquet(path, index=False)
+    return path.as_uri(), plan_shards(path.as_uri(), COLUMNS, shard_rows, f"Flow/{name}", settings)
+
+
+def _keyspace(client, prefix: str) -> set[str]:
+    return {k.decode() for k in client.scan_iter(match=f"{prefix}:*", count=5_000)}
+
+
+@pytest.mark.services
+def test_a_run_superseded_while_writing_leaves_nothing_behind(
+    planned, redis_client, redis_prefix, tmp_path
+):
+    # The older run's shard 0 is done; while its shard 1 is writing, a newer run publishes
+    # (and retires the older, staged version). The older run finishes last: it must end
+    # discarded, with no key of it left, and the newer version live.
+    _, _, settings = planned
+    online = OnlineStore.from_settings(settings)
+    old, new = new_version("Flow/old"), new_version("Flow/new")
+    old_input, old_shards = _run_parts(tmp_path, "old", 60_000, 30_000, settings)
+    new_input, new_shards = _run_parts(tmp_path, "new", 1_000, 1_000, settings)
+    plain = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+
+    def newer_run() -> None:
+        stage(new, "Flow/new", new_input, plain, settings)
+        results = [score_shard(0, new_shards[0], plain, new, settings)]
+        assert publish("Flow/new", new, results, new_input, plain, settings).published
+
+    stage(old, "Flow/old", old_input, plain, settings)
+    results = [score_shard(0, old_shards[0], plain, old, settings)]
+    late = InterruptingModel(newer_run)
+    late_bundle = ModelBundle("train-1", [LoadedModel("m", late, "ab" * 32)], COLUMNS, ("n", "y"))
+    results.append(score_shard(1, old_shards[1], late_bundle, old, settings))
+    assert late.calls == 2  # the newer run went live in the middle of this shard
+    outcome = publish("Flow/old", old, results, old_input, plain, settings, scratch=old_shards)
+
+    assert not outcome.published
+    assert online.current() == new
+    new_keys = {
+        online.key(new, k)
+        for k in row_keys(np.column_stack([np.arange(1.0, 1_001.0), np.full(1_000, 3.0)]))
+    }
+    control = {online.pointer, online.versions, online.manifest(new)}
+    assert _keyspace(redis_client, redis_prefix) == new_keys | control
+    store = ObjectStore.from_settings(settings)
+    assert not any(store.exists(uri) for uri in old_shards)  # the run is over: no scratch
+
+
+@pytest.mark.services
+def test_keys_lost_before_the_switch_keep_the_pointer_where_it_was(planned, redis_client, tmp_path):
+    # Keys acknowledged by Redis, then lost (evicted, flushed, a failover) before
+    # ingest_redis: the shard counts still add up, but the version must not go live.
+    rows, shards, settings = planned
+    online = OnlineStore.from_settings(settings)
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    live_input, live_shards = _run_parts(tmp_path, "live", 500, 500, settings)
+    live = new_version("Flow/live")
+    stage(live, "Flow/live", live_input, bundle, settings)
+    live_results = [score_shard(0, live_shards[0], bundle, live, settings)]
+    assert publish("Flow/live", live, live_results, live_input, bundle, settings).published
+
+    version = new_version("Flow/2")
+    stage(version, "Flow/2", "rows.parquet", bundle, settings)
+    results = [score_shard(0, shards[0], bundle, version, settings)]
+    written = [k.decode() for k in redis_client.scan_iter(match=f"{online.prefix}:{version}:*")]
+    doomed = np.random.default_rng(7).choice(written, size=len(written) // 100, replace=False)
+    redis_client.delete(*doomed)  # 1% of the shard
+
+    with pytest.raises(PublishError, match=r"shard 0 lost keys .* sampled keys are gone"):
+        publish("Flow/2", version, results, "rows.parquet", bundle, settings, scratch=shards)
+    assert online.current() == live
+    assert online.get_many(row_keys(np.column_stack([[1.0], [3.0]])))[0]["model"] == "m"
+    store = ObjectStore.from_settings(settings)
+    assert all(store.exists(uri) for uri in shards)  # kept for `resume`
+
+
+# --------------------------------------------------------------------- id-keyed versions
+
+
+@pytest.mark.services
+def test_an_id_keyed_version_is_looked_up_by_id(tmp_path, redis_url, redis_prefix, settings_for):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+            "BATCHSCORE_ID_COLUMN": "customer",
+        }
+    )
+    path = tmp_path / "ids.csv"
+    path.write_text("customer,a,b\n007,1.0,3.0\n7,9.0,3.0\n")  # two ids, one number
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    version = new_version("Flow/ids")
+    shards = plan_shards(str(path), COLUMNS, 100, "Flow/ids", settings)
+    stage(version, "Flow/ids", str(path), bundle, settings)
+    results = [score_shard(0, shards[0], bundle, version, settings)]
+    assert results[0].keys_written == 2
+    assert publish("Flow/ids", version, results, str(path), bundle, settings).published
+
+    # A reader without BATCHSCORE_ID_COLUMN follows the manifest, not its own settings.
+    online = OnlineStore(redis.Redis.from_url(redis_url), redis_prefix)
+    assert online.key_scheme() == ("id", "customer")
+    assert online.get("007")["proba"] == 0.25 and online.get("7")["proba"] == 0.75
+    rows = pd.DataFrame({"customer": ["7", "007", "8"], "a": [0.0, 0.0, 0.0], "b": [1.0] * 3})
+    found = online.lookup_rows(rows)
+    assert [r and r["proba"] for r in found] == [0.75, 0.25, None]
+
+
+def test_an_id_column_missing_from_the_input_is_an_error(tmp_path, settings_for):
+    settings = settings_for(
+        {"BATCHSCORE_HOME": str(tmp_path / "home"), "BATCHSCORE_ID_COLUMN": "customer"}
+    )
+    path = tmp_path / "no-ids.csv"
+    path.write_text("a,b\n1.0,3.0\n")
+    with pytest.raises(InputError, match=r"no-ids.csv: no id column 'customer'"):
+        plan_shards(str(path), COLUMNS, 100, "Flow/1", settings)

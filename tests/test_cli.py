@@ -25,9 +25,7 @@ CLASSES = ("benign", "malignant")
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     # No developer `.env` may leak in: run from an empty folder with an explicit environment.
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")
-    } | env
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCORE_")} | env
     return subprocess.run(
         [sys.executable, "-m", "batchscore", *args],
         env=full_env,
@@ -48,18 +46,18 @@ def _row(output: str, first_cell: str) -> list[str]:
 
 
 @pytest.fixture
-def cli_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+def cli_env(redis_url: str, redis_prefix: str, tmp_path: Path) -> dict[str, str]:
     return {
         "BATCHSCORE_REDIS_URL": redis_url,
-        "BATCHSCORE_REDIS_PREFIX": "clitest",
+        "BATCHSCORE_REDIS_PREFIX": redis_prefix,
         "BATCHSCORE_HOME": str(tmp_path / "home"),
     }
 
 
 @pytest.fixture
-def published(redis_client) -> tuple[str, list[str]]:
+def published(redis_client, redis_prefix) -> tuple[str, list[str]]:
     """A small version, staged the way batch.stage does it (feature_columns as a JSON list)."""
-    online = OnlineStore(redis_client, prefix="clitest")
+    online = OnlineStore(redis_client, prefix=redis_prefix)
     version = new_version("BatchProcessingFlow/42", datetime(2024, 5, 1, tzinfo=UTC))
     online.stage(
         version,
@@ -75,8 +73,15 @@ def published(redis_client) -> tuple[str, list[str]]:
     )
     keys = row_keys(ROWS.to_numpy())
     values = [
-        json.dumps({"label": lab, "class": CLASSES[lab], "proba": 0.9 if lab else 0.1,
-                    "model": "svc", "model_version": "abcdef012345"})
+        json.dumps(
+            {
+                "label": lab,
+                "class": CLASSES[lab],
+                "proba": 0.9 if lab else 0.1,
+                "model": "svc",
+                "model_version": "abcdef012345",
+            }
+        )
         for lab in LABELS
     ]
     online.write(version, 0, keys, values)
@@ -196,8 +201,10 @@ def test_lookup_needs_keys_or_a_file(published, cli_env, tmp_path):
 
 
 def test_unreachable_redis_is_a_clear_error(tmp_path):
-    env = {"BATCHSCORE_REDIS_URL": "redis://:s3cret-pw@127.0.0.1:1/0",
-           "BATCHSCORE_HOME": str(tmp_path / "home")}
+    env = {
+        "BATCHSCORE_REDIS_URL": "redis://:s3cret-pw@127.0.0.1:1/0",
+        "BATCHSCORE_HOME": str(tmp_path / "home"),
+    }
     result = _cli(["status"], env, tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -207,9 +214,9 @@ def test_unreachable_redis_is_a_clear_error(tmp_path):
     assert "BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:1/0): connection refused" in result.stdout
 
 
-def test_status_after_the_live_version_expired(redis_client, cli_env, tmp_path):
+def test_status_after_the_live_version_expired(redis_client, redis_prefix, cli_env, tmp_path):
     # ttl_days elapsed and no newer run: the pointer remains, its keys and manifest are gone.
-    online = OnlineStore(redis_client, prefix="clitest")
+    online = OnlineStore(redis_client, prefix=redis_prefix)
     version = new_version("BatchProcessingFlow/1")
     online.stage(version, {"model": "svc", "feature_columns": COLUMNS}, ttl_seconds=60)
     online.write(version, 0, ["k"], ["{}"], ttl_seconds=60)
@@ -222,11 +229,13 @@ def test_status_after_the_live_version_expired(redis_client, cli_env, tmp_path):
     assert version in result.stdout
 
 
-def test_lookup_sample_reads_the_live_input(published, redis_client, cli_env, tmp_path):
+def test_lookup_sample_reads_the_live_input(
+    published, redis_client, redis_prefix, cli_env, tmp_path
+):
     version, keys = published
     path = tmp_path / "input.csv"
     ROWS.to_csv(path, index=False)
-    redis_client.hset(f"clitest:manifest:{version}", "input", str(path))
+    redis_client.hset(f"{redis_prefix}:manifest:{version}", "input", str(path))
     result = _cli(["lookup", "--sample", "2"], cli_env, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 of 2 found" in result.stdout
@@ -247,11 +256,37 @@ def test_embedded_mode_shares_one_server_with_the_cli(home, settings_for, tmp_pa
     version = new_version("BatchProcessingFlow/9")
     online.stage(version, {"model": "knn", "feature_columns": COLUMNS})
     keys = row_keys(ROWS.to_numpy())
-    online.write(version, 0, keys, [json.dumps({"label": 1, "class": "malignant", "proba": 0.7,
-                                                "model": "knn"})] * 3)
+    online.write(
+        version,
+        0,
+        keys,
+        [json.dumps({"label": 1, "class": "malignant", "proba": 0.7, "model": "knn"})] * 3,
+    )
     assert online.publish(version, 3, 1)
     online.client.close()
 
     result = _cli(["lookup", keys[2]], {"BATCHSCORE_HOME": str(home)}, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _row(result.stdout, keys[2])[1:] == ["1", "malignant", "0.7000", "knn"]
+
+
+def test_lookup_rows_of_an_id_keyed_version_by_id(redis_client, redis_prefix, cli_env, tmp_path):
+    # The live version's manifest says it is keyed by `customer`: the CLI keys the file's
+    # rows by that column (as text: 007 is not 7), whatever BATCHSCORE_ID_COLUMN says here.
+    online = OnlineStore(redis_client, prefix=redis_prefix)
+    version = new_version("BatchProcessingFlow/7")
+    meta = {"model": "svc", "feature_columns": COLUMNS, "key_scheme": "id", "id_column": "customer"}
+    online.stage(version, meta)
+    value = {"label": 1, "class": "malignant", "proba": 0.9, "model": "svc"}
+    online.write(version, 0, ["007"], [json.dumps(value)])
+    assert online.publish(version, 1, 1)
+    path = tmp_path / "rows.csv"
+    path.write_text("customer,mean radius\n007,1.0\n7,2.0\n")
+    result = _cli(["lookup", "--csv", str(path)], cli_env, tmp_path)
+    assert _row(result.stdout, "007")[:3] == ["007", "1", "malignant"]
+    assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
+    assert "1 of 2 found" in result.stdout
+    # Ids are keys here: an absent one is not called malformed.
+    result = _cli(["lookup", "7"], cli_env, tmp_path)
+    assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
+    assert "64 hex characters" not in result.stdout

@@ -372,3 +372,59 @@ def test_feature_table_text_columns_get_the_frame_checks():
 def test_feature_table_missing_column_is_named():
     with pytest.raises(InputError, match=r"missing feature column\(s\) \['b'\]"):
         data.to_feature_table(pa.table({"a": [1.0], "c": [3.0]}), COLUMNS, "rows.csv")
+
+
+# ------------------------------------------------------------ positive class rules
+
+
+def _labels(tmp_path, values, **kwargs):
+    table = pd.DataFrame({"x": np.arange(len(values), dtype="float64"), "y": values})
+    return load_dataset(_write(tmp_path / "d.csv", table), target="y", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("values", "positive"),
+    [
+        ([0, 1, 0, 1], "1"),
+        ([-1, 1, -1, 1], "1"),
+        ([1, 2, 1, 2], "1"),  # 1 is positive even when it is the smaller label
+        ([2, 4, 2, 4], "4"),  # no 1: the larger number
+        ([True, False, True, False], "True"),
+        (["yes", "no", "no", "yes"], "yes"),
+        (["N", "Y", "N", "Y"], "Y"),
+        (["no", "YES", "YES", "no"], "YES"),
+        (["Negative", "Positive", "Negative", "Positive"], "Positive"),
+    ],
+)
+def test_default_positive_class(tmp_path, values, positive):
+    dataset = _labels(tmp_path, values)
+    assert dataset.positive_class == positive
+    expected = [str(v) == positive for v in pd.Series(values).astype(str)]
+    np.testing.assert_array_equal(dataset.labels, np.array(expected, dtype=np.int8))
+
+
+def test_other_text_labels_need_positive_class(tmp_path):
+    # Sorted, `legit` would be positive and every metric would describe the wrong class.
+    values = ["fraud", "legit", "legit", "legit"]
+    with pytest.raises(InputError, match=r"'fraud' and 'legit'.*--positive_class") as info:
+        _labels(tmp_path, values)
+    assert "d.csv: column 'y'" in str(info.value)
+    dataset = _labels(tmp_path, values, positive_class="fraud")
+    assert dataset.classes == ("legit", "fraud")
+    np.testing.assert_array_equal(dataset.labels, [1, 0, 0, 0])
+
+
+# -------------------------------------------------------------------- id columns
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_text_columns_keep_leading_zeros(tmp_path, suffix):
+    path = tmp_path / f"ids{suffix}"
+    if suffix == ".csv":
+        path.write_text("customer,x\n007,1.5\n7,2.5\n0042,3.5\n")
+    else:
+        pd.DataFrame({"customer": ["007", "7", "0042"], "x": [1.5, 2.5, 3.5]}).to_parquet(path)
+    (table,) = data.iter_tables(str(path), numeric_columns=["x"], text_columns=["customer"])
+    assert table.column("customer").to_pylist() == ["007", "7", "0042"]
+    frame = read_frame(str(path), text_columns=["customer"])
+    assert frame["customer"].tolist() == ["007", "7", "0042"]

@@ -123,3 +123,21 @@ def test_deep_home_gets_a_short_socket(tmp_path):
         stop_server(db_path)
         if socket.parent.exists():
             socket.parent.rmdir()  # redis-server removed its socket on shutdown
+
+
+def test_a_stale_pidfile_naming_another_process_is_never_signalled(db_path):
+    # The server died without cleaning up and its pid now belongs to some other process.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        (db_path.parent / "redis.pid").write_text(f"{other.pid}\n")
+        assert stop_server(db_path) is False
+        assert other.poll() is None  # not signalled
+        socket = ensure_server(db_path)  # starts a real server instead of trusting the file
+        assert _server_pid(socket) != other.pid
+        assert _client(socket).ping()
+        assert stop_server(db_path) is True
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -23,7 +23,6 @@ from batchscore.store import ObjectStore, StoreError
 from batchscore.tracking import batch_runs, model_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFIX = "faults"
 
 
 def publish_rows(store: OnlineStore, version: str, n: int, tag: str, shards: int = 1) -> None:
@@ -43,20 +42,26 @@ def redis_proxy(redis_url: str):
     proxy.close()
 
 
-def online_at(url: str, settings_for) -> OnlineStore:
-    return OnlineStore(connect(settings_for({"BATCHSCORE_REDIS_URL": url})), PREFIX)
+@pytest.fixture
+def online_at(settings_for, redis_prefix):
+    """An OnlineStore under this test's prefix, through any URL (e.g. a proxy's)."""
+
+    def build(url: str) -> OnlineStore:
+        return OnlineStore(connect(settings_for({"BATCHSCORE_REDIS_URL": url})), redis_prefix)
+
+    return build
 
 
 @pytest.mark.services
 def test_redis_dying_mid_publish_keeps_the_previous_version(
-    redis_client, redis_proxy, settings_for
+    redis_client, redis_proxy, online_at, redis_prefix
 ):
-    direct = OnlineStore(redis_client, PREFIX)
+    direct = OnlineStore(redis_client, redis_prefix)
     v1 = new_version("run-1", datetime.now(UTC) - timedelta(minutes=2))
     publish_rows(direct, v1, 1_000, "v1")
 
     proxy, url = redis_proxy
-    through = online_at(url, settings_for)
+    through = online_at(url)
     v2 = new_version("run-2", datetime.now(UTC) - timedelta(minutes=1))
     through.stage(v2, {"model": "v2"})
     proxy.fail_after(50_000)  # the server "dies" partway through the shard and stays down
@@ -79,20 +84,17 @@ def test_redis_dying_mid_publish_keeps_the_previous_version(
     publish_rows(through, v3, 1_000, "v3")
     assert direct.current() == v3
     through.retire()
-    assert not list(redis_client.scan_iter(match=f"{PREFIX}:{v2}:*"))
-    assert not redis_client.exists(f"{PREFIX}:manifest:{v2}")
+    assert not list(redis_client.scan_iter(match=f"{redis_prefix}:{v2}:*"))
+    assert not redis_client.exists(f"{redis_prefix}:manifest:{v2}")
 
 
 @pytest.mark.services
-def test_a_dropped_connection_is_retried_and_every_key_lands(
-    redis_client, redis_proxy, settings_for
-):
+def test_a_dropped_connection_is_retried_and_every_key_lands(redis_client, redis_proxy, online_at):
     proxy, url = redis_proxy
-    through = online_at(url, settings_for)
+    through = online_at(url)
     version = new_version("run-1")
     through.stage(version, {"model": "m"})
-    proxy.fail_after(30_000)
-    threading.Timer(0.3, proxy.restore).start()  # a blip, not an outage
+    proxy.blip_after(30_000)  # a blip, not an outage: one reconnection refused
     keys = [f"row{i}" for i in range(5_000)]
     assert through.write(version, 0, keys, [f'{{"i":{i}}}' for i in range(5_000)]) == 5_000
     assert through.publish(version, 5_000, 1)
@@ -102,32 +104,31 @@ def test_a_dropped_connection_is_retried_and_every_key_lands(
 @pytest.mark.services
 @pytest.mark.parametrize("ttl", [None, 3600])
 def test_a_drop_with_chunks_in_flight_resends_them_all(
-    redis_client, redis_proxy, settings_for, ttl
+    redis_client, redis_proxy, online_at, redis_prefix, ttl
 ):
     # Small chunks, many in flight when the connection drops: every unacknowledged chunk
     # is resent, every key lands once, and the shard is counted once.
     proxy, url = redis_proxy
-    through = online_at(url, settings_for)
+    through = online_at(url)
     version = new_version("run-1")
     through.stage(version, {"model": "m"})
-    proxy.fail_after(40_000)
-    threading.Timer(0.3, proxy.restore).start()
+    proxy.blip_after(40_000)
     keys = [f"row{i}" for i in range(6_000)]
     with through.writer(version, 0, ttl, chunk=100) as writer:
         for start in range(0, 6_000, 1_000):
             block = keys[start : start + 1_000]
             writer.write(block, [f'{{"i":{start + i}}}' for i in range(len(block))])
     assert writer.landed == writer.sent == 6_000
-    assert redis_client.hget(f"{PREFIX}:manifest:{version}", "shard:0") == b"6000"
+    assert redis_client.hget(f"{redis_prefix}:manifest:{version}", "shard:0") == b"6000"
     assert through.publish(version, 6_000, 1)
     assert [v["i"] for v in through.get_many(keys)] == list(range(6_000))
     expected_ttl = -1 if ttl is None else ttl
-    assert redis_client.ttl(f"{PREFIX}:{version}:row5999") in (expected_ttl, expected_ttl - 1)
+    assert redis_client.ttl(f"{redis_prefix}:{version}:row5999") in (expected_ttl, expected_ttl - 1)
 
 
 @pytest.mark.services
-def test_an_incomplete_version_is_never_published(redis_client):
-    store = OnlineStore(redis_client, PREFIX)
+def test_an_incomplete_version_is_never_published(redis_client, redis_prefix):
+    store = OnlineStore(redis_client, redis_prefix)
     v1 = new_version("run-1", datetime.now(UTC) - timedelta(minutes=1))
     publish_rows(store, v1, 100, "v1")
     v2 = new_version("run-2")
@@ -140,7 +141,7 @@ def test_an_incomplete_version_is_never_published(redis_client):
 
 @pytest.mark.services
 @pytest.mark.parametrize("newer_first", [True, False])
-def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, settings_for, newer_first):
+def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, online_at, newer_first):
     older = new_version("run-old", datetime.now(UTC) - timedelta(seconds=5))
     newer = new_version("run-new")
     order = [newer, older] if newer_first else [older, newer]
@@ -149,7 +150,7 @@ def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, settings_for, n
 
     def run(version: str) -> None:
         try:
-            store = online_at(redis_url, settings_for)
+            store = online_at(redis_url)
             store.stage(version, {"model": version})
             barrier.wait()
             for shard in range(4):
@@ -165,7 +166,7 @@ def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, settings_for, n
     for thread in threads:
         thread.join()
     assert not errors
-    store = online_at(redis_url, settings_for)
+    store = online_at(redis_url)
     assert store.current() == newer
     assert set(store.get_many([f"row{i}" for i in range(2_000)])) == {newer}
 

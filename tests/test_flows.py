@@ -55,8 +55,11 @@ def check_training(run, settings) -> None:
     }
     for uri in data.plot_uris.values():
         assert store.get_bytes(uri).startswith(b"\x89PNG")
-    published = read_csv(store, "data/breast_cancer.csv")
-    labels = read_csv(store, "data/breast_cancer.labels.csv")
+    # The test split lives under the run's own path: no later run can overwrite it.
+    folder = f"data/{run.pathspec.replace('/', '-')}/"
+    assert data.data.batch_input_uri.endswith(folder + "breast_cancer.csv")
+    published = read_csv(store, data.data.batch_input_uri)
+    labels = read_csv(store, data.data.batch_labels_uri)
     assert list(published.columns) == data.data.feature_columns
     assert len(published) == len(labels) == len(data.data.test_labels)
 
@@ -64,8 +67,10 @@ def check_training(run, settings) -> None:
 def check_batch(run, settings) -> None:
     data = run.data
     store = ObjectStore.from_settings(settings)
-    published = read_csv(store, "data/breast_cancer.csv")
+    published = read_csv(store, data.input_uri)
     assert data.rows_scored == len(published)
+    # The run's scratch shards are deleted once it published.
+    assert data.shards and not any(store.exists(uri) for uri in data.shards)
     assert data.keys_written == len(published)
     online = OnlineStore.from_settings(settings)
     assert online.current() == data.version

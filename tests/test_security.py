@@ -195,18 +195,19 @@ def test_versions_are_sanitised_and_values_are_json_whatever_the_class_names():
     assert decoded[0]["model"] == 'evil"}, "x": {"'
 
 
-def test_retire_with_a_glob_prefix_touches_only_its_own_keys(redis_client):
+def test_retire_with_a_glob_prefix_touches_only_its_own_keys(redis_client, redis_prefix):
     from datetime import UTC, datetime, timedelta
 
-    other = OnlineStore(redis_client, "p1")
-    globby = OnlineStore(redis_client, "p[1]")
+    other = OnlineStore(redis_client, f"{redis_prefix}p1")
+    globby = OnlineStore(redis_client, f"{redis_prefix}p[1]")
     for store in (other, globby):
         for minutes in (3, 2, 1):
             version = new_version("r", datetime.now(UTC) - timedelta(minutes=minutes))
             store.stage(version, {"model": "m"})
             store.write(version, 0, ["k"], ["{}"])
             store.publish(version, 1, 1)
-    kept = set(redis_client.keys("p1:*"))
+    kept = set(redis_client.keys(f"{other.prefix}:*"))
     globby.retire(keep=1)
-    assert set(redis_client.keys("p1:*")) == kept
-    assert len(redis_client.keys("p[[]1]:2*")) == 1  # only the current version's row
+    assert set(redis_client.keys(f"{other.prefix}:*")) == kept
+    # Only the current version's row is left.
+    assert len(redis_client.keys(f"{redis_prefix}p[[]1]:2*")) == 1

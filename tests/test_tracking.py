@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import io
 from pathlib import Path
 
 import pytest
@@ -90,8 +90,8 @@ def test_rerecording_can_move_the_champion(tracker):
 
 
 def test_model_records_come_from_the_latest_run_champion_first(tracker):
+    # Recorded in order (a tie on the timestamp goes to the higher run id, as here).
     tracker.record_training("TrainModelsFlow/1", _run("file:///old.csv"), MODELS, "tree")
-    time.sleep(0.01)
     newer = {"logreg": _model("logreg", 0.98), "xgboost": _model("xgboost", 0.99)}
     tracker.record_training("TrainModelsFlow/2", _run("file:///new.csv"), newer, "xgboost")
 
@@ -111,7 +111,7 @@ def test_model_records_come_from_the_latest_run_champion_first(tracker):
     assert [r.model for r in every] == ["xgboost", "logreg"]
     assert [r.is_champion for r in every] == [True, False]
     assert {r.training_run_id for r in every} == {"TrainModelsFlow/2"}
-    assert tracker.latest_batch_input() == "file:///new.csv"
+    assert tracker.champion_batch_input() == "file:///new.csv"
 
 
 def test_model_records_rejects_unknown_selection(tracker):
@@ -123,7 +123,7 @@ def test_empty_database_says_what_to_run(tracker):
     with pytest.raises(TrackingError, match="train_models.py"):
         tracker.model_records()
     with pytest.raises(TrackingError, match="no training run"):
-        tracker.latest_batch_input()
+        tracker.champion_batch_input()
     assert tracker.batch_run("BatchProcessingFlow/1") is None
 
 
@@ -191,3 +191,26 @@ def test_fresh_home_folder_is_created_for_sqlite(tmp_path):
     finally:
         tracker.close()
     assert (tmp_path / "fresh-home" / "metrics.db").is_file()
+
+
+def test_each_training_run_keeps_its_own_test_split(tmp_path, settings_for):
+    import pandas as pd
+
+    from batchscore.store import ObjectStore
+    from batchscore.training import prepare_data
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    first = prepare_data("breast_cancer", None, 0.2, 1, settings, run_id="TrainModelsFlow/1")
+    with Tracker(settings.resolved_database_url) as tracker:
+        tracker.record_training("TrainModelsFlow/1", _run(first.batch_input_uri), MODELS, "svc")
+    # A later run splits the data differently and fails before recording anything.
+    later = prepare_data("breast_cancer", None, 0.3, 2, settings, run_id="TrainModelsFlow/2")
+
+    assert first.batch_input_uri.endswith("data/TrainModelsFlow-1/breast_cancer.csv")
+    assert later.batch_input_uri.endswith("data/TrainModelsFlow-2/breast_cancer.csv")
+    store = ObjectStore.from_settings(settings)
+    kept = pd.read_csv(io.BytesIO(store.get_bytes(first.batch_input_uri)))
+    assert kept.to_numpy().tolist() == first.test_features.to_numpy().tolist()
+    assert store.exists(first.batch_labels_uri)
+    with Tracker(settings.resolved_database_url) as tracker:
+        assert tracker.champion_batch_input() == first.batch_input_uri

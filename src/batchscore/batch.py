@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO
@@ -19,7 +20,7 @@ from batchscore.config import Settings
 from batchscore.data import InputError, iter_tables, to_feature_table
 from batchscore.keys import first_occurrences, hash_rows, id_keys
 from batchscore.models import load_model
-from batchscore.online import OnlineStore
+from batchscore.online import OnlineStore, SupersededError
 from batchscore.scoring import LoadedModel, encode_predictions
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
@@ -62,9 +63,9 @@ def load_models(which: str, settings: Settings) -> ModelBundle:
 
 
 def default_input(settings: Settings) -> str:
-    """The test split the latest training run published."""
+    """The test split of the champion's own training run."""
     with Tracker(settings.resolved_database_url) as tracker:
-        return tracker.latest_batch_input()
+        return tracker.champion_batch_input()
 
 
 def plan_shards(
@@ -88,9 +89,16 @@ def plan_shards(
     shards: list[str] = []
     rows = 0
     try:
-        for batch in iter_tables(input_uri, settings, shard_rows, numeric_columns=feature_columns):
+        for batch in iter_tables(
+            input_uri, settings, shard_rows, numeric_columns=feature_columns, text_columns=extra
+        ):
             table = to_feature_table(batch, feature_columns, input_uri, rows + 1, extra)
-            if id_column and id_column in batch.column_names:
+            if id_column:
+                if id_column not in batch.column_names:
+                    raise InputError(
+                        f"{input_uri}: no id column {id_column!r} (BATCHSCORE_ID_COLUMN); "
+                        f"columns: {batch.column_names}"
+                    )
                 ids = batch.column(id_column).to_pandas()
                 ids = id_keys(ids, input_uri, id_column, first_row=rows + 1)
                 table = table.append_column(id_column, pa.array(ids, pa.string()))
@@ -150,16 +158,23 @@ def score_shard(
     # Scored and sent a block at a time: Redis stores one block while the next is scored.
     # Parallel tasks whose models each spread over every core spin against each other:
     # BATCHSCORE_SCORING_THREADS caps each task's pools (unset: no cap).
-    with (
-        threadpool_limits(limits=settings.scoring_threads),
-        online.writer(version, shard, ttl_seconds) as writer,
-    ):
-        for start in range(0, len(keys), SCORE_BLOCK_ROWS):
-            block = features.iloc[start : start + SCORE_BLOCK_ROWS]
-            values = encode_predictions(bundle.models, block, bundle.classes)
-            clock.lap("predict")
-            writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
-            clock.lap("write")
+    try:
+        with (
+            threadpool_limits(limits=settings.scoring_threads),
+            online.writer(version, shard, ttl_seconds) as writer,
+        ):
+            for start in range(0, len(keys), SCORE_BLOCK_ROWS):
+                block = features.iloc[start : start + SCORE_BLOCK_ROWS]
+                values = encode_predictions(bundle.models, block, bundle.classes)
+                clock.lap("predict")
+                writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
+                clock.lap("write")
+    except SupersededError as exc:
+        # A newer run went live meanwhile and retired this version while it was written:
+        # delete what this shard wrote after that (each shard does, the last one wins).
+        online.discard(version)
+        log.warning("shard %s: %s; its keys are deleted", shard, exc)
+        return ShardResult(shard, table.num_rows, 0, 0, clock.seconds)
     clock.lap("write")
     written = writer.landed
     duplicates = table.num_rows - len(keys)
@@ -183,8 +198,12 @@ def publish(
     input_uri: str,
     bundle: ModelBundle,
     settings: Settings,
+    scratch: Sequence[str] = (),
 ) -> PublishResult:
-    """Switch readers to the new version once every shard is counted; record the run."""
+    """Switch readers to the new version once every shard is counted and its sampled keys
+    are still in Redis; record the run. A version superseded by a newer live one is
+    discarded. Either way the run is over, so its scratch shards are deleted; on an error
+    they stay, for `resume`."""
     online = OnlineStore.from_settings(settings)
     rows = sum(r.rows_scored for r in results)
     keys = sum(r.keys_written for r in results)
@@ -210,8 +229,11 @@ def publish(
         except Exception as exc:  # housekeeping only: the new version is already live
             log.warning("could not retire old versions: %s", exc)
     else:
-        log.warning("%s is newer than %s: the pointer stays on it", online.current(), version)
+        log.warning("%s was superseded by %s: discarded", version, online.current())
         online.discard(version)
+    store = ObjectStore.from_settings(settings)
+    for uri in scratch:
+        store.delete(uri)
     return PublishResult(rows, keys, published, retired)
 
 
@@ -234,6 +256,12 @@ def stage(
             "training_run_id": bundle.training_run_id,
             "feature_columns": bundle.feature_columns,
             "classes": list(bundle.classes),
+            # Readers (library, CLI, notebook, HTTP) key rows as this version did.
+            **(
+                {"key_scheme": "id", "id_column": settings.id_column}
+                if settings.id_column
+                else {"key_scheme": "feature_hash"}
+            ),
         },
         ttl_seconds,
     )

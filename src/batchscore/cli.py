@@ -21,9 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchscore.config import Settings
-from batchscore.data import InputError, iter_frames, to_feature_frame
+from batchscore.data import InputError, iter_frames
 from batchscore.embedded_redis import stop_server
-from batchscore.keys import id_keys, row_keys
 from batchscore.online import OnlineStore
 from batchscore.preflight import redis_error
 
@@ -106,17 +105,15 @@ def _lookup(
         raise InputError("give row keys, --csv or --sample: exactly one of them")
     keys = list(args.keys)
     if args.csv:
-        columns = online.feature_columns()
+        # Rows are keyed as the live version keyed them (its manifest says how), with the
+        # batch flow's own checks: a missing column or a bad cell is named.
+        version = online.current()
+        _, id_column = online.key_scheme(version)
+        columns = [] if id_column else online.feature_columns(version)
+        text = [id_column] if id_column else []
         rows = 0
-        for frame in iter_frames(args.csv, settings, numeric_columns=columns):
-            if settings.id_column and settings.id_column in frame.columns:
-                # The same id rules as the batch flow, so a lookup keys rows as it did.
-                ids = frame[settings.id_column]
-                keys += id_keys(ids, args.csv, settings.id_column, rows + 1)
-            else:
-                # The same schema check as the batch flow: names a missing column, a bad cell.
-                features = to_feature_frame(frame, columns, args.csv, rows + 1)
-                keys += row_keys(features.to_numpy())
+        for frame in iter_frames(args.csv, settings, numeric_columns=columns, text_columns=text):
+            keys += online.keys_for(frame, version, columns, args.csv, rows + 1)
             rows += len(frame)
             if args.limit and len(keys) >= args.limit:
                 keys = keys[: args.limit]
@@ -145,7 +142,8 @@ def _lookup(
     malformed = [
         k for k, p in zip(keys, predictions, strict=True) if p is None and not ROW_KEY.fullmatch(k)
     ]
-    if malformed and not args.csv and not _id_keyed(online, version, settings):
+    # Keys of a feature-hash version are SHA-256 hex; an id-keyed version takes any id.
+    if malformed and not args.csv and version and online.key_scheme(version)[0] != "id":
         console.print(
             f"{', '.join(malformed[:3])}: row keys are 64 hex characters (the SHA-256 of a "
             "row's feature values); to look rows up from their values use --csv",
@@ -166,11 +164,3 @@ def _positive_class(online: OnlineStore, version: str | None) -> str | None:
         return str(json.loads(classes)[1]) if classes else None
     except (ValueError, IndexError, TypeError):
         return None
-
-
-def _id_keyed(online: OnlineStore, version: str | None, settings: Settings) -> bool:
-    """Whether rows are keyed by an id column rather than by the hash of their features."""
-    if settings.id_column:
-        return True
-    scheme = _manifest_field(online, version, "key_scheme") or ""
-    return scheme.startswith("id") or bool(_manifest_field(online, version, "id_column"))

@@ -99,9 +99,24 @@ def _breast_cancer() -> Dataset:
     )
 
 
+# Recognised text pairs, (negative, positive), compared case-insensitively.
+YES_NO_PAIRS = (
+    ("no", "yes"),
+    ("n", "y"),
+    ("false", "true"),
+    ("f", "t"),
+    ("negative", "positive"),
+    ("neg", "pos"),
+)
+
+
 def _binary_labels(
     column: pd.Series, source: str, target: str, positive_class: str | None
 ) -> tuple[np.ndarray, tuple[str, str]]:
+    """Labels as 0/1 with 1 = the positive class: `positive_class` if given; else 1 (or the
+    larger number) for numeric labels, True for booleans, the yes-like label of a recognised
+    yes/no pair. Any other pair of text labels is ambiguous: `fraud`/`legit` sorted would
+    make `legit` positive, so it needs `--positive_class`."""
     # An empty cell is a missing label too (Arrow reads it as "" in a text column).
     missing = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
     if missing.any():
@@ -120,8 +135,27 @@ def _binary_labels(
             raise InputError(f"{source}: positive class {positive_class!r} not in {classes}")
         negative = classes[0] if classes[1] == positive_class else classes[1]
         classes = [negative, positive_class]
+    else:
+        classes = _default_classes(classes, source, target)
     labels = (values == classes[1]).to_numpy().astype(np.int8)
     return labels, (classes[0], classes[1])
+
+
+def _default_classes(classes: list[str], source: str, target: str) -> list[str]:
+    """(negative, positive) when no `--positive_class` is given; `classes` is sorted."""
+    numbers = [_natural_key(c) for c in classes]
+    if all(kind == 0 for kind, _ in numbers):  # numeric; booleans arrive as True/False
+        if numbers[0][1] == 1:  # 1 is positive whatever the other label (-1, 2, ...)
+            return [classes[1], classes[0]]
+        return classes  # no 1: the larger number
+    lowered = tuple(c.lower() for c in classes)
+    for negative, positive in YES_NO_PAIRS:
+        if set(lowered) == {negative, positive}:
+            return sorted(classes, key=lambda c: c.lower() == positive)
+    raise InputError(
+        f"{source}: column {target!r} holds the text labels {classes[0]!r} and {classes[1]!r}: "
+        f"say which one is positive with --positive_class (e.g. --positive_class {classes[1]})"
+    )
 
 
 def _natural_key(value: str) -> tuple[int, float | str]:
@@ -181,11 +215,13 @@ def iter_tables(
     settings: Settings | None = None,
     batch_rows: int = 100_000,
     numeric_columns: Sequence[str] = (),
+    text_columns: Sequence[str] = (),
 ) -> Iterator[pa.Table]:
     """The table in Arrow tables of at most `batch_rows` rows, whatever its format and place.
 
     `numeric_columns` are parsed as float64 (correctly rounded, so row keys match any
     client's); a value that is not a number raises an `InputError` naming column and row.
+    `text_columns` (ids) are read from a CSV as written: `007` stays `007`, not 7.
     """
     with local_file(source, settings) as path:
         with open(path, "rb") as handle:
@@ -198,7 +234,7 @@ def iter_tables(
         if kind == "parquet":
             yield from _parquet_tables(path, source, batch_rows)
         else:
-            yield from _csv_tables(path, source, batch_rows, numeric_columns)
+            yield from _csv_tables(path, source, batch_rows, numeric_columns, text_columns)
 
 
 def iter_frames(
@@ -206,15 +242,18 @@ def iter_frames(
     settings: Settings | None = None,
     batch_rows: int = 100_000,
     numeric_columns: Sequence[str] = (),
+    text_columns: Sequence[str] = (),
 ) -> Iterator[pd.DataFrame]:
     """`iter_tables`, as DataFrames."""
-    for table in iter_tables(source, settings, batch_rows, numeric_columns):
+    for table in iter_tables(source, settings, batch_rows, numeric_columns, text_columns):
         yield table.to_pandas()
 
 
-def read_frame(source: str, settings: Settings | None = None) -> pd.DataFrame:
+def read_frame(
+    source: str, settings: Settings | None = None, text_columns: Sequence[str] = ()
+) -> pd.DataFrame:
     """The whole table as one DataFrame (for training-sized data)."""
-    frames = list(iter_frames(source, settings))
+    frames = list(iter_frames(source, settings, text_columns=text_columns))
     if not frames:
         raise InputError(f"{source}: the table has a header but no rows")
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -234,9 +273,14 @@ _ARROW_CELL_ERROR = re.compile(r"column #(\d+): Row #(\d+): (.*)", re.DOTALL)
 
 
 def _csv_tables(
-    path: Path, source: str, batch_rows: int, numeric_columns: Sequence[str]
+    path: Path,
+    source: str,
+    batch_rows: int,
+    numeric_columns: Sequence[str],
+    text_columns: Sequence[str] = (),
 ) -> Iterator[pa.Table]:
-    convert = pacsv.ConvertOptions(column_types={c: pa.float64() for c in numeric_columns})
+    types = {**{c: pa.float64() for c in numeric_columns}, **{c: pa.string() for c in text_columns}}
+    convert = pacsv.ConvertOptions(column_types=types)
     try:
         reader = pacsv.open_csv(
             path,

@@ -36,13 +36,47 @@ def _paths(db_path: Path) -> tuple[Path, Path, Path]:
     return socket, home / "redis.pid", home / "redis.lock"
 
 
-def _running_pid(pidfile: Path) -> int | None:
+def _process_title(pid: int) -> str | None:
+    """The command line a process shows (redis-server rewrites it to name its socket)."""
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return None  # Linux: no such process
+    except OSError:
+        return None
+    # No /proc (macOS): ask ps.
+    result = subprocess.run(
+        ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() or None
+
+
+def _running_pid(pidfile: Path, socket: Path) -> int | None:
+    """The server's pid, only if that process is this home's redis-server: a stale pidfile
+    whose pid now belongs to another process must never be signalled."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, ValueError):
+        return None
+    title = _process_title(pid)
+    if not title or "redis-server" not in title or str(socket) not in title:
         return None
     return pid
+
+
+def _answers(socket: Path) -> bool:
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(socket), socket_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 def ensure_server(db_path: Path) -> Path:
@@ -53,7 +87,7 @@ def ensure_server(db_path: Path) -> Path:
     socket, pidfile, lockfile = _paths(db_path)
     with open(lockfile, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _running_pid(pidfile) and socket.exists():
+        if _running_pid(pidfile, socket) and socket.exists():
             return socket
         if socket.parent != db_path.parent:
             socket.parent.mkdir(mode=0o700, exist_ok=True)
@@ -90,7 +124,8 @@ def ensure_server(db_path: Path) -> Path:
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not (socket.exists() and _running_pid(pidfile)):
+        # Ready once it answers PING (its socket file exists a little before that).
+        while not (socket.exists() and _running_pid(pidfile, socket) and _answers(socket)):
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"embedded Redis did not start; see {db_path.with_suffix('.log')}"
@@ -101,12 +136,12 @@ def ensure_server(db_path: Path) -> Path:
 
 def stop_server(db_path: Path) -> bool:
     """Stop the embedded server (it saves first); False if none was running."""
-    _, pidfile, _ = _paths(db_path)
-    pid = _running_pid(pidfile)
+    socket, pidfile, _ = _paths(db_path)
+    pid = _running_pid(pidfile, socket)
     if pid is None:
         return False
     os.kill(pid, signal.SIGTERM)  # redis-server saves its data on SIGTERM
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while _running_pid(pidfile) and time.monotonic() < deadline:
+    while _running_pid(pidfile, socket) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True

@@ -35,9 +35,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from batchscore.config import Settings
-from batchscore.data import InputError
+from batchscore.data import InputError, to_feature_frame
 from batchscore.embedded_redis import ensure_server
-from batchscore.keys import row_keys
+from batchscore.keys import id_keys, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,21 @@ _BLOCK_ROWS = 100_000  # rows turned into RESP at a time: bounds memory, keeps 3
 SCAN_COUNT = 5_000
 KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses its version
 
-# Publish: every shard counted, never backwards, then switch (re-publishing the current
-# version is a no-op that reports success, so a resumed step is safe). KEYS: pointer, manifest,
-# versions, staged. ARGV: version, expected keys, expected shards, now.
+# Publish: never backwards, only a version still staged, every shard counted, then switch
+# (re-publishing the current version is a no-op that reports success, so a resumed step is
+# safe). Supersession is checked first: a superseded run is told so, not that it is
+# incomplete. KEYS: pointer, manifest, versions, staged. ARGV: version, keys, shards, now.
 _PUBLISH = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  return 1
+end
+if current and current > ARGV[1] then
+  return 0
+end
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+  return redis.error_reply('NOTSTAGED ' .. ARGV[1] .. ' is not staged (discarded, or never opened)')
+end
 local fields = redis.call('HGETALL', KEYS[2])
 local written, shards = 0, 0
 for i = 1, #fields, 2 do
@@ -62,13 +73,6 @@ if written ~= tonumber(ARGV[2]) or shards ~= tonumber(ARGV[3]) then
   return redis.error_reply('INCOMPLETE ' .. written .. ' keys in ' .. shards ..
     ' shards, expected ' .. ARGV[2] .. ' in ' .. ARGV[3])
 end
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
-  return 1
-end
-if current and current > ARGV[1] then
-  return 0
-end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
@@ -76,30 +80,61 @@ redis.call('HSET', KEYS[2], 'status', 'current', 'published_at', ARGV[4])
 return 1
 """
 
-# Lookup in one round trip: read the pointer and every row under it, atomically.
-# KEYS: pointer. ARGV: prefix, row keys...
-_LOOKUP = """
-local version = redis.call('GET', KEYS[1])
-if not version then
-  return {false}
+# A shard's count is recorded only while its version is still staged (or already live):
+# a version that `retire` dropped mid-write must not get its manifest back.
+# KEYS: manifest, staged, versions. ARGV: version, count field, count, sample field, sample.
+_RECORD_SHARD = """
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return 0
 end
-local values = {version}
-local base = ARGV[1] .. ':' .. version .. ':'
--- MGET in slices: Lua's unpack() has a stack limit of a few thousand values.
-for first = 2, #ARGV, 1000 do
-  local names = {}
-  for i = first, math.min(first + 999, #ARGV) do
-    names[#names + 1] = base .. ARGV[i]
-  end
-  local found = redis.call('MGET', unpack(names))
-  for i = 1, #found do values[#values + 1] = found[i] end
-end
-return values
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
 """
+
+READ_SLICE = 1_000  # keys per MGET: Redis serves other clients between slices
+SAMPLE_KEYS = 1_024  # keys per shard checked with EXISTS before the switch
+SAFE_POLICY = "noeviction"
 
 
 class PublishError(RuntimeError):
-    """The new version is incomplete; `current` was left where it was."""
+    """The new version is incomplete or lost keys; `current` was left where it was."""
+
+
+class SupersededError(PublishError):
+    """A newer version went live while this one was being written: it can never be published."""
+
+
+class KeySample:
+    """A uniform random sample of a shard's row keys, plus the last one written.
+
+    Each key gets a random priority and the `size` lowest are kept (a reservoir sample
+    built a block at a time), so every key is equally likely to be checked before the
+    switch; the last key is always kept, since a failover loses the newest writes first.
+    """
+
+    def __init__(self, size: int = SAMPLE_KEYS) -> None:
+        self.size = size
+        self._keys = pa.array([], pa.string())
+        self._priority = np.empty(0)
+        self._last: str | None = None
+        self._random = np.random.default_rng()
+
+    def add(self, keys: pa.StringArray) -> None:
+        if not len(keys):
+            return
+        self._last = keys[len(keys) - 1].as_py()
+        pool = pa.concat_arrays([self._keys, keys])
+        priority = np.concatenate([self._priority, self._random.random(len(keys))])
+        if len(pool) > self.size:
+            keep = np.argpartition(priority, self.size)[: self.size]
+            pool, priority = pool.take(pa.array(keep)), priority[keep]
+        self._keys, self._priority = pool, priority
+
+    def keys(self) -> list[str]:
+        sample = self._keys.to_pylist()
+        if self._last is not None and self._last not in sample:
+            sample.append(self._last)
+        return sample
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -183,7 +218,7 @@ class OnlineStore:
         self.versions = f"{prefix}:versions"
         self.staged = f"{prefix}:staged"
         self._publish = client.register_script(_PUBLISH)
-        self._lookup = client.register_script(_LOOKUP)
+        self._record_shard = client.register_script(_RECORD_SHARD)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnlineStore:
@@ -198,7 +233,11 @@ class OnlineStore:
     # ------------------------------------------------------------------ writing
 
     def stage(self, version: str, meta: dict[str, Any], ttl_seconds: int | None = None) -> None:
-        """Open a version: its manifest says who is writing it, and that it is not live."""
+        """Open a version: its manifest says who is writing it, and that it is not live.
+
+        Refused on a Redis that may evict the version's keys: a lost key would go live.
+        """
+        self.check_eviction_policy(ttl_seconds)
         fields = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.manifest(version), mapping={**fields, "status": "staged"})
@@ -207,6 +246,46 @@ class OnlineStore:
         if ttl_seconds:
             pipe.expire(self.manifest(version), ttl_seconds)
         pipe.execute()
+
+    def eviction_policy(self) -> str | None:
+        """Redis's `maxmemory-policy`: from CONFIG, or from INFO where a managed service
+        refuses CONFIG; None if neither says."""
+        try:
+            policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG renamed or not permitted (ElastiCache, ACLs)
+            policy = None
+        if not policy:
+            try:
+                policy = self.client.info("memory").get("maxmemory_policy")
+            except redis.ResponseError:
+                policy = None
+        return policy.decode() if isinstance(policy, bytes) else policy
+
+    def check_eviction_policy(self, ttl_seconds: int | None = None) -> None:
+        """Refuse a Redis that may evict this version's keys: `allkeys-*` may evict any
+        key, `volatile-*` any key with a TTL (every key when `ttl_days` > 0)."""
+        policy = self.eviction_policy()
+        if policy is None:
+            log.warning("cannot read Redis's maxmemory-policy: make sure it is noeviction")
+            return
+        if policy.startswith("allkeys-") or (ttl_seconds and policy.startswith("volatile-")):
+            raise PublishError(
+                f"Redis's maxmemory-policy is {policy}: it may evict prediction keys before or "
+                f"after the switch; set it to {SAFE_POLICY}"
+            )
+
+    def record_shard(self, version: str, shard: str | int, landed: int, sample: list[str]) -> None:
+        """Count a finished shard in the manifest, with a sample of its keys for `verify`.
+
+        Raises `SupersededError` if the version is no longer staged (a newer one went live
+        and `retire` dropped it while this shard was writing).
+        """
+        recorded = self._record_shard(
+            keys=[self.manifest(version), self.staged, self.versions],
+            args=[version, f"shard:{shard}", landed, f"sample:{shard}", json.dumps(sample)],
+        )
+        if not recorded:
+            raise SupersededError(f"version {version} was superseded by {self.current()}")
 
     def writer(
         self,
@@ -233,7 +312,15 @@ class OnlineStore:
         return writer.landed
 
     def publish(self, version: str, expected_keys: int, expected_shards: int) -> bool:
-        """Switch `current` to `version` if every shard landed; False if a newer one is live."""
+        """Switch `current` to `version` if every shard landed and its keys are still there;
+        False if a newer version is live (this one can then only be discarded)."""
+        current = self.current()
+        if current is not None and current > version:
+            return False
+        if current != version:
+            ttl = self.client.ttl(self.manifest(version))
+            self.check_eviction_policy(ttl if ttl > 0 else None)
+            self.verify(version)
         try:
             moved = self._publish(
                 keys=[self.pointer, self.manifest(version), self.versions, self.staged],
@@ -242,6 +329,34 @@ class OnlineStore:
         except redis.ResponseError as exc:
             raise PublishError(f"version {version} not published: {exc}") from exc
         return bool(moved)
+
+    def verify(self, version: str) -> int:
+        """Check Redis-side that each shard's sampled keys still exist (evicted, flushed or
+        lost in a failover since they were acknowledged?); returns how many were checked.
+
+        Counting every key instead means SCANning the whole keyspace (see
+        benchmarks/bench_lookup.py); a uniform sample of 1,024 keys per shard plus its last
+        key catches a loss of 1% of a shard with probability 1 - 0.99**1024 > 0.9999.
+        """
+        fields = self.client.hgetall(self.manifest(version))
+        checked = 0
+        for name, raw in sorted(fields.items()):
+            if not name.startswith(b"sample:"):
+                continue
+            sample = json.loads(raw)
+            pipe = self.client.pipeline(transaction=False)
+            for row_key in sample:
+                pipe.exists(self.key(version, row_key))
+            missing = [k for k, found in zip(sample, pipe.execute(), strict=True) if not found]
+            if missing:
+                shard = name.decode().removeprefix("sample:")
+                raise PublishError(
+                    f"version {version} not published: shard {shard} lost keys after they "
+                    f"were written ({len(missing)} of {len(sample)} sampled keys are gone, "
+                    f"e.g. {missing[0]}); Redis evicted, flushed or failed over meanwhile"
+                )
+            checked += len(sample)
+        return checked
 
     def retire(self, keep: int = KEEP_VERSIONS) -> list[str]:
         """Delete versions no reader needs: published ones beyond the newest `keep`, and
@@ -285,29 +400,69 @@ class OnlineStore:
         return value.decode() if value is not None else None
 
     def get(self, row_key: str) -> dict[str, Any] | None:
-        """One row's prediction from the current version, in one round trip."""
+        """One row's prediction from the current version: two round trips (pointer, GET)."""
         return self.get_many([row_key])[0]
 
-    def get_many(self, row_keys: Iterable[str]) -> list[dict[str, Any] | None]:
-        """Many rows from the current version in one round trip; None where a row is absent."""
+    def get_many(
+        self, row_keys: Iterable[str], version: str | None = None
+    ) -> list[dict[str, Any] | None]:
+        """Rows from the current version (or `version`); None where a row is absent.
+
+        The pointer is read once, then the keys in MGET slices of `READ_SLICE`: Redis
+        serves other clients between slices, and a version stays readable while a newer
+        one goes live (the previous one is kept). On a Redis Cluster client the slices are
+        split by hash slot (`mget_nonatomic`).
+        """
         keys = list(row_keys)
-        reply = self._lookup(keys=[self.pointer], args=[self.prefix, *keys])
-        if not reply or reply[0] is None:
+        version = version or self.current()
+        if version is None or not keys:
             return [None] * len(keys)
-        return [orjson.loads(v) if v is not None else None for v in reply[1:]]
+        mget = getattr(self.client, "mget_nonatomic", self.client.mget)
+        base = f"{self.prefix}:{version}:"
+        values: list[dict[str, Any] | None] = []
+        for first in range(0, len(keys), READ_SLICE):
+            found = mget([base + k for k in keys[first : first + READ_SLICE]])
+            values += [orjson.loads(v) if v is not None else None for v in found]
+        return values
+
+    def key_scheme(self, version: str | None = None) -> tuple[str, str | None]:
+        """How the version keyed its rows: ("feature_hash", None) or ("id", id column)."""
+        version = version or self.current()
+        if version is None:
+            raise LookupError("no published version")
+        scheme, column = self.client.hmget(self.manifest(version), "key_scheme", "id_column")
+        if scheme == b"id":
+            return "id", column.decode()
+        return "feature_hash", None
+
+    def keys_for(
+        self,
+        rows: pd.DataFrame,
+        version: str | None = None,
+        feature_columns: Sequence[str] | None = None,
+        source: str = "rows",
+        first_row: int = 1,
+    ) -> list[str]:
+        """The row keys of raw rows under the version's own key scheme: the id column's
+        text for an id-keyed version, else the hash of the feature columns (training
+        order: `feature_columns`, default what the version recorded)."""
+        scheme, id_column = self.key_scheme(version)
+        if scheme == "id":
+            if id_column not in rows.columns:
+                raise InputError(f"{source}: this version is keyed by column {id_column!r}")
+            return id_keys(rows[id_column], source, id_column, first_row)
+        columns = list(feature_columns or self.feature_columns(version))
+        features = to_feature_frame(rows, columns, source, first_row, list(rows.columns))
+        return row_keys(features.to_numpy())
 
     def lookup_rows(
         self, features: pd.DataFrame, feature_columns: Sequence[str] | None = None
     ) -> list[dict[str, Any] | None]:
-        """Predictions for raw feature rows: keys computed here, fetched in one round trip.
-
-        `feature_columns` (training order) defaults to what the current version recorded.
-        """
-        columns = list(feature_columns or self.feature_columns())
-        missing = [c for c in columns if c not in features.columns]
-        if missing:
-            raise InputError(f"rows lack feature column(s) {missing}")
-        return self.get_many(row_keys(features.loc[:, columns].to_numpy(dtype="float64")))
+        """Predictions for raw rows, keyed as the current version keyed them."""
+        version = self.current()
+        if version is None:
+            return [None] * len(features)
+        return self.get_many(self.keys_for(features, version, feature_columns), version)
 
     def feature_columns(self, version: str | None = None) -> list[str]:
         """The training-order feature columns the version was scored with."""
@@ -322,8 +477,13 @@ class OnlineStore:
         current = self.current()
         if current is None:
             return {"current": None}
+        # Every field but the key samples (up to ~70 KB per shard, read only by `verify`).
+        names = [
+            n for n in self.client.hkeys(self.manifest(current)) if not n.startswith(b"sample:")
+        ]
+        values = self.client.hmget(self.manifest(current), names) if names else []
         manifest = {
-            k.decode(): v.decode() for k, v in self.client.hgetall(self.manifest(current)).items()
+            k.decode(): v.decode() for k, v in zip(names, values, strict=True) if v is not None
         }
         rows = sum(int(v) for k, v in manifest.items() if k.startswith("shard:"))
         info = {
@@ -369,6 +529,7 @@ class ShardWriter:
         self.base = f"{store.prefix}:{version}:"
         self.sent = 0
         self.landed = 0
+        self.sample = KeySample()  # checked by `OnlineStore.verify` before the switch
         self._pool = store.client.connection_pool
         self._connection: redis.Connection | None = None
         self._in_flight: deque[tuple[list[Any], int]] = deque()  # (payload, keys)
@@ -398,6 +559,7 @@ class ShardWriter:
         keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
         if len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys but {len(texts)} values")
+        self.sample.add(keys)
         for block in range(0, len(keys), _BLOCK_ROWS):
             commands = _commands(
                 self.base, keys.slice(block, _BLOCK_ROWS), texts.slice(block, _BLOCK_ROWS), self.ttl
@@ -455,6 +617,4 @@ class ShardWriter:
             raise PublishError(
                 f"shard {self.shard}: Redis acknowledged {self.landed} of {self.sent}"
             )
-        self.store.client.hset(
-            self.store.manifest(self.version), f"shard:{self.shard}", self.landed
-        )
+        self.store.record_shard(self.version, self.shard, self.landed, self.sample.keys())

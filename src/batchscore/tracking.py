@@ -169,11 +169,15 @@ class Tracker:
             for row in rows
         ]
 
-    def latest_batch_input(self) -> str:
-        """The test split the latest training run published: the batch flow's default."""
+    def champion_batch_input(self) -> str:
+        """The test split of the run whose champion the batch flow loads: its default input.
+
+        Each run's split is its own file, so this is the data that champion was tested on.
+        """
         with self._transaction() as conn:
             uri = conn.execute(
                 select(training_runs.c.batch_input_uri)
+                .where(training_runs.c.champion.is_not(None))
                 .order_by(training_runs.c.created_at.desc(), training_runs.c.run_id.desc())
                 .limit(1)
             ).scalar()

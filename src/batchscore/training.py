@@ -40,8 +40,13 @@ def prepare_data(
     random_state: int,
     settings: Settings,
     positive_class: str | None = None,
+    run_id: str = "local",
 ) -> PreparedData:
-    """Load, split (stratified), and publish the test split as the default batch input."""
+    """Load, split (stratified), and publish the test split as the default batch input.
+
+    The split goes under the run's own path (`data/<run>/<dataset>.csv`), never shared:
+    a later run, even one that fails, cannot change the data an earlier batch was scored on.
+    """
     dataset: Dataset = load_dataset(source, target, positive_class, settings)
     if not 0 < test_size < 1:
         raise ValueError(f"test_size must be between 0 and 1, not {test_size}")
@@ -62,13 +67,14 @@ def prepare_data(
         test_labels=np.asarray(y_test),
     )
     store = ObjectStore.from_settings(settings)
+    folder = f"data/{run_id.replace('/', '-')}"
     prepared.batch_input_uri = store.put_bytes(
-        f"data/{dataset.name}.csv", _csv(prepared.test_features)
+        f"{folder}/{dataset.name}.csv", _csv(prepared.test_features)
     )
     labels = pd.DataFrame(
         {"label": prepared.test_labels, "class": [dataset.classes[i] for i in prepared.test_labels]}
     )
-    prepared.batch_labels_uri = store.put_bytes(f"data/{dataset.name}.labels.csv", _csv(labels))
+    prepared.batch_labels_uri = store.put_bytes(f"{folder}/{dataset.name}.labels.csv", _csv(labels))
     return prepared
 
 

@@ -1,0 +1,37 @@
+"""`@fail_fast`: a flow step stops at once on an error that no retry can fix.
+
+Metaflow's `@retry` reruns a failed step whatever went wrong. A bad input file, a bad
+parameter or a model file that fails its checksum fails the same way every time, so
+retrying only repeats the traceback. Under `@fail_fast` such an error prints one line
+(the message names the file, column and row) and ends the task with Metaflow's
+"do not retry" exit code; the run stops with a non-zero exit. Network and service
+errors pass through unchanged and are retried as before.
+
+The exit code is honoured by Metaflow's local scheduler; Kubernetes and Argo Workflows
+retry by their own retry strategy, so there a deterministic error is repeated
+`BATCHSCORE_STEP_RETRIES` times before the run fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+from batchscore.models import IntegrityError
+from metaflow import user_step_decorator
+
+# InputError and bad parameters are ValueErrors; a model that fails its SHA-256 check
+# will fail it again.
+DETERMINISTIC: tuple[type[BaseException], ...] = (ValueError, IntegrityError)
+
+
+@user_step_decorator
+def fail_fast(step_name: str, flow: Any, inputs: Any = None, attributes: Any = None) -> Iterator:
+    try:
+        yield
+    except DETERMINISTIC as exc:
+        print(f"{step_name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
