@@ -5,6 +5,7 @@ python -m batchscore lookup 3f2a...            # one or more row keys
 python -m batchscore lookup --csv rows.csv     # raw feature rows: keys computed here
 python -m batchscore lookup --sample 5         # the first rows of the live version's input
 python -m batchscore stop-embedded             # stop the embedded Redis server
+python -m batchscore serve --port 8000          # the HTTP prediction service (batchscore.service)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the first N rows of the table the live version was scored from",
     )
     commands.add_parser("stop-embedded", help="stop the embedded Redis server, if running")
+    _add_serve(commands)
     return parser
 
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = Settings()
     console = Console(width=140)
+    if args.command == "serve":
+        return _serve(args)
     try:
         if args.command == "stop-embedded":
             stopped = stop_server(settings.embedded_redis_path)
@@ -164,3 +168,36 @@ def _positive_class(online: OnlineStore, version: str | None) -> str | None:
         return str(json.loads(classes)[1]) if classes else None
     except (ValueError, IndexError, TypeError):
         return None
+
+
+# ---------------------------------------------------------------------- serve
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="the HTTP prediction service (see /docs)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the service under uvicorn; with several workers, their metrics are merged."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its counters here; /metrics adds them up (prometheus_client).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="batchscore-metrics-")
+    uvicorn.run(
+        "batchscore.service:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=args.access_log,
+        server_header=False,
+    )
+    return 0
