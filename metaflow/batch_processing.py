@@ -3,17 +3,17 @@
     python metaflow/batch_processing.py run
     python metaflow/batch_processing.py run --input_path s3://batch/incoming.parquet --models all
 
-Shards are scored in parallel (`--max-workers` locally, one pod each on Kubernetes) into
-a staged Redis version; `ingest_redis` switches readers to it once every shard landed.
+Shards are scored in parallel (one per core locally; one pod each on Kubernetes) into a
+staged Redis version; `ingest_redis` switches readers to it once every shard landed.
+
+Every step is a fresh process: each imports only what it uses, inside the step, so the
+steps around the foreach cost little more than Metaflow's own start-up.
 """
 
 import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
-from batchscore.batch import default_input, load_models, plan_shards, publish, score_shard, stage
 from batchscore.config import Settings
 from batchscore.fail_fast import fail_fast
-from batchscore.online import new_version, ttl_seconds
 from batchscore.preflight import require_services
-from batchscore.report import print_mapping
 from metaflow import FlowSpec, Parameter, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
@@ -27,7 +27,12 @@ class BatchProcessingFlow(FlowSpec):
         help="CSV/Parquet path or URL (file, s3://, http); default: the published test split",
     )
     models = Parameter("models", default="champion", help="`champion`, or `all` to add every model")
-    shard_rows = Parameter("shard_rows", default=100_000, type=int, help="rows per parallel shard")
+    shard_rows = Parameter(
+        "shard_rows",
+        default=0,
+        type=int,
+        help="rows per parallel shard; 0 (default): one shard per core, memory permitting",
+    )
     ttl_days = Parameter(
         "ttl_days",
         default=0.0,
@@ -35,22 +40,34 @@ class BatchProcessingFlow(FlowSpec):
         help="key lifetime in days; 0 (default): keys live until a newer version retires them",
     )
 
+    @retry(times=RETRIES)
+    @fail_fast
     @step
     def start(self):
-        """Name this run's prediction-set version: sortable by start time. Stop now if a
-        service is unreachable."""
-        require_services(Settings())
+        """Stop now if a service is unreachable; name the version (sortable by start time);
+        find the input and the recorded models."""
+        from batchscore.batch import default_input, find_models
+        from batchscore.online import new_version
+
+        settings = Settings()
+        require_services(settings)
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"
         self.version = new_version(self.run_pathspec)
+        self.input_uri = self.input_path or default_input(settings)
+        self.records = find_models(self.models, settings)
+        self.model_name = self.records[0].model
+        self.feature_columns = self.records[0].feature_columns
         self.next(self.load_model)
 
     @retry(times=RETRIES)
     @fail_fast
     @step
     def load_model(self):
-        """The recorded champion (or all models), checked against its SHA-256 before loading."""
-        self.bundle = load_models(self.models, Settings())
-        self.model_name = self.bundle.champion
+        """The models' bytes, each checked against its SHA-256 (deserialised by the shard
+        tasks: the only steps that need scikit-learn)."""
+        from batchscore.batch import fetch_models
+
+        self.model_files = fetch_models(self.records, Settings())
         self.next(self.load_data)
 
     @resources(cpu=1, memory=4096)
@@ -58,13 +75,16 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def load_data(self):
-        """Validate every input row against the model's schema, cut it into shards."""
+        """Validate every input row against the model's schema, cut it into shards (one per
+        core unless `--shard_rows`), then stage the run's version."""
+        from batchscore.batch import plan_shards, stage
+        from batchscore.online import ttl_seconds
+
         settings = Settings()
-        self.input_uri = self.input_path or default_input(settings)
         self.shards = plan_shards(
             self.input_uri,
-            self.bundle.feature_columns,
-            self.shard_rows,
+            self.feature_columns,
+            self.shard_rows or None,
             self.run_pathspec,
             settings,
         )
@@ -72,7 +92,7 @@ class BatchProcessingFlow(FlowSpec):
             self.version,
             self.run_pathspec,
             self.input_uri,
-            self.bundle,
+            self.model_files,
             settings,
             ttl_seconds(self.ttl_days),
         )
@@ -84,14 +104,21 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def batch_processing(self):
-        """One shard: key, predict, write under the staged version."""
+        """One shard: deserialise the models, key, predict, write under the staged version."""
+        from batchscore.batch import score_shard
+        from batchscore.online import ttl_seconds
+        from batchscore.sizing import scoring_threads, step_cores
+
+        settings = Settings()
+        cores = step_cores(self, current.step_name)
         self.shard = score_shard(
             self.index,
             self.input,
-            self.bundle,
+            self.model_files.load(),
             self.version,
-            Settings(),
+            settings,
             ttl_seconds(self.ttl_days),
+            threads=scoring_threads(len(self.shards), cores, settings.scoring_threads),
         )
         self.next(self.ingest_redis)
 
@@ -100,16 +127,18 @@ class BatchProcessingFlow(FlowSpec):
     @step
     def ingest_redis(self, inputs):
         """Check every shard's keys landed, then switch readers to the new version."""
+        from batchscore.batch import publish
+
         self.merge_artifacts(
             inputs,
-            include=["run_pathspec", "version", "bundle", "input_uri", "model_name", "shards"],
+            include=["run_pathspec", "version", "model_files", "input_uri", "model_name", "shards"],
         )
         result = publish(
             self.run_pathspec,
             self.version,
             [i.shard for i in inputs],
             self.input_uri,
-            self.bundle,
+            self.model_files,
             Settings(),
             scratch=self.shards,
         )
@@ -120,6 +149,8 @@ class BatchProcessingFlow(FlowSpec):
     @step
     def end(self):
         """What was published, and where."""
+        from batchscore.report import print_mapping
+
         print_mapping(
             "batch run",
             {

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, func, select
 from batchscore.keys import row_keys
 from batchscore.models import MODEL_NAMES
 from batchscore.online import OnlineStore
+from batchscore.sizing import machine_cores
 from batchscore.store import ObjectStore
 from batchscore.tracking import batch_runs, model_metrics, training_runs
 
@@ -77,7 +78,7 @@ def check_batch(run, settings) -> None:
     # Every row, looked up from its raw features, carries the champion's own prediction.
     predictions = online.get_many(row_keys(published.to_numpy()))
     assert all(p is not None for p in predictions)
-    champion = data.bundle.models[0].estimator
+    champion = data.model_files.load().models[0].estimator
     expected = champion.predict(published)
     assert [p["label"] for p in predictions] == expected.tolist()
     assert {p["model"] for p in predictions} == {data.model_name}
@@ -144,6 +145,19 @@ def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
     check_batch(batch, settings)
     assert len(list(batch["batch_processing"])) == 3  # 114 rows in shards of 50
     notebook_runner(env, project)
+
+    # At its defaults the flow sizes itself from the cores: one shard per core (Metaflow's
+    # --max-workers 16 never starts more), each task capped to cores / tasks threads.
+    rows = read_csv(ObjectStore.from_settings(settings), train.data.data.batch_input_uri)
+    parquet = tmp_path / "rows.parquet"
+    rows.to_parquet(parquet)
+    env = {k: v for k, v in embedded_env.items() if k != "BATCHSCORE_SCORING_THREADS"}
+    batch = run_flow("batch_processing.py", env, tmp_path / "work", input_path=str(parquet))
+    tasks = list(batch["batch_processing"])
+    cores = machine_cores()
+    assert len(tasks) == min(cores, len(rows))
+    assert [t.data.shard.threads for t in tasks] == [max(1, cores // len(tasks))] * len(tasks)
+    assert batch.data.keys_written == len(rows)
 
 
 @pytest.mark.services

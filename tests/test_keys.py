@@ -117,3 +117,25 @@ def test_first_occurrences_marks_each_keys_first_row():
     assert first_occurrences(pa.array(["a", "b", "c"])) is None
     mask = first_occurrences(pa.array(["a", "b", "a", "c", "b", "a"]))
     assert mask.tolist() == [True, True, False, True, False, False]
+
+
+def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, redis_client):
+    """Arrow `string` holds at most 2 GiB of text: 64-byte keys wrap its int32 offsets past
+    ~33.5M rows in one call. The limit is lowered here so that 101 rows cross it."""
+    from batchscore import keys as keys_module
+    from batchscore.online import OnlineStore, new_version
+
+    matrix = np.random.default_rng(4).normal(size=(101, 3))
+    expected = [hashlib.sha256(r.astype("<f8").tobytes()).hexdigest() for r in matrix]
+    monkeypatch.setattr(keys_module, "_STRING_BYTES", 64 * 100)
+    keys = hash_rows(matrix)
+    assert keys.type == pa.large_string()
+    assert keys.to_pylist() == expected
+    assert first_occurrences(keys) is None
+
+    # Such keys go through the batch path's writer unchanged.
+    store = OnlineStore(redis_client, prefix="t")
+    version = new_version("Flow/1")
+    store.stage(version, {"model": "m"})
+    assert store.write(version, 0, keys, pa.array(["x"] * len(keys))) == len(keys)
+    assert redis_client.get(f"t:{version}:{expected[-1]}") == b"x"

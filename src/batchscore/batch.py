@@ -2,28 +2,31 @@
 
 Memory follows `shard_rows`: the input is read in batches and cut into Arrow shards,
 and each shard is scored and written on its own. Nothing holds the whole table.
+
+Each Metaflow step is a fresh process that imports this module: the heavy libraries
+(pandas, scikit-learn, xgboost, SQLAlchemy, redis) are imported inside the functions that
+use them, so a step pays only for what it does (`python -X importtime` to check).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import BinaryIO
-
-import pyarrow as pa
-from threadpoolctl import threadpool_limits
+from typing import TYPE_CHECKING, BinaryIO
 
 from batchscore.config import Settings
-from batchscore.data import InputError, iter_tables, to_feature_table
-from batchscore.keys import first_occurrences, hash_rows, id_keys
-from batchscore.models import load_model
-from batchscore.online import OnlineStore, SupersededError
-from batchscore.scoring import LoadedModel, encode_predictions
-from batchscore.store import ObjectStore
-from batchscore.tracking import Tracker
+from batchscore.sizing import default_shard_rows, machine_cores
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from batchscore.online import OnlineStore
+    from batchscore.scoring import LoadedModel
+    from batchscore.tracking import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +46,87 @@ class ModelBundle:
     def champion(self) -> str:
         return self.models[0].name
 
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
 
-def load_models(which: str, settings: Settings) -> ModelBundle:
-    """The recorded champion (or all models), each checked against its SHA-256 first."""
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The recorded models' bytes, each already checked against its SHA-256, champion first.
+
+    What the flow hands its scoring tasks: they deserialise it (`load`), so scikit-learn
+    and xgboost are imported only where a model predicts, never in the steps around them.
+    """
+
+    records: list[ModelRecord]
+    blobs: list[bytes]
+
+    @property
+    def training_run_id(self) -> str:
+        return self.records[0].training_run_id
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return self.records[0].feature_columns
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        return self.records[0].classes
+
+    @property
+    def champion(self) -> str:
+        return self.records[0].model
+
+    @property
+    def names(self) -> list[str]:
+        return [r.model for r in self.records]
+
+    def load(self) -> ModelBundle:
+        """Deserialise each model (its SHA-256 checked again: the bytes passed through a
+        datastore since `fetch_models`)."""
+        from batchscore.models import load_model
+        from batchscore.scoring import LoadedModel
+
+        models = [
+            LoadedModel(r.model, load_model(blob, r.model_sha256, r.model_uri), r.model_sha256)
+            for r, blob in zip(self.records, self.blobs, strict=True)
+        ]
+        return ModelBundle(self.training_run_id, models, self.feature_columns, self.classes)
+
+
+def find_models(which: str, settings: Settings) -> list[ModelRecord]:
+    """Where the recorded champion (or every model) lives, champion first: no model loaded."""
+    from batchscore.tracking import Tracker
+
     with Tracker(settings.resolved_database_url) as tracker:
-        records = tracker.model_records(which)
-    models = [
-        LoadedModel(
-            name=r.model,
-            estimator=load_model(
-                ObjectStore.read_uri(r.model_uri, settings), r.model_sha256, r.model_uri
-            ),
-            sha256=r.model_sha256,
-        )
-        for r in records
-    ]
-    first = records[0]
-    return ModelBundle(first.training_run_id, models, first.feature_columns, first.classes)
+        return tracker.model_records(which)
+
+
+def fetch_models(which: str | Sequence[ModelRecord], settings: Settings) -> ModelFiles:
+    """The recorded champion (or all models) read from the store by their recorded URIs,
+    each refused unless its SHA-256 matches the record; nothing deserialised."""
+    from batchscore.store import ObjectStore
+
+    records = find_models(which, settings) if isinstance(which, str) else list(which)
+    blobs = [ObjectStore.read_uri(r.model_uri, settings) for r in records]
+    for record, blob in zip(records, blobs, strict=True):
+        if hashlib.sha256(blob).hexdigest() != record.model_sha256:
+            from batchscore.models import load_model
+
+            load_model(blob, record.model_sha256, record.model_uri)  # raises IntegrityError
+    return ModelFiles(records, blobs)
+
+
+def load_models(which: str | Sequence[ModelRecord], settings: Settings) -> ModelBundle:
+    """The recorded champion (or all models), each checked against its SHA-256 first."""
+    return fetch_models(which, settings).load()
 
 
 def default_input(settings: Settings) -> str:
     """The test split of the champion's own training run."""
+    from batchscore.tracking import Tracker
+
     with Tracker(settings.resolved_database_url) as tracker:
         return tracker.champion_batch_input()
 
@@ -71,7 +134,7 @@ def default_input(settings: Settings) -> str:
 def plan_shards(
     input_uri: str,
     feature_columns: list[str],
-    shard_rows: int,
+    shard_rows: int | None,
     run_id: str,
     settings: Settings,
 ) -> list[str]:
@@ -79,7 +142,19 @@ def plan_shards(
 
     The shards are this run's scratch space: nothing readers see changes here, so an
     input error found in the last row still leaves Redis and the database untouched.
+    `shard_rows` None: sized from the cores (`sizing.default_shard_rows`).
     """
+    import pyarrow as pa
+
+    from batchscore.data import InputError, iter_tables, to_feature_table
+    from batchscore.keys import id_keys
+    from batchscore.store import ObjectStore
+
+    if shard_rows is None:
+        cores = machine_cores()
+        rows = _known_rows(input_uri)
+        shard_rows = default_shard_rows(rows, len(feature_columns), cores)
+        log.info("%s rows, %d cores: shards of %d rows", rows or "unknown", cores, shard_rows)
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be at least 1, not {shard_rows}")
     store = ObjectStore.from_settings(settings)
@@ -114,9 +189,34 @@ def plan_shards(
     return shards
 
 
+def _known_rows(input_uri: str) -> int | None:
+    """About how many rows a local input holds, for sizing only: a Parquet file's footer,
+    or a plain CSV's line count (quoted line breaks overcount a little). Else None."""
+    import pyarrow.parquet as pq
+
+    from batchscore.data import local_file, table_format
+
+    if "://" in input_uri and not input_uri.startswith("file://"):
+        return None  # not read twice: shards are sized for memory instead
+    try:
+        with local_file(input_uri) as path, open(path, "rb") as handle:
+            kind = table_format(str(path), handle.read(4))
+            if kind == "parquet":
+                return pq.ParquetFile(path).metadata.num_rows
+            if str(path).endswith(".gz"):
+                return None
+            handle.seek(0)
+            lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 24), b""))
+            return max(lines - 1, 1)  # less the header
+    except Exception:  # unreadable: plan_shards reports it, naming the file
+        return None
+
+
 def _write_arrow(table: pa.Table, out: BinaryIO) -> None:
     """A shard as an Arrow IPC file: scratch that only this run reads back, once, so the
     format with nothing to encode or decode (Parquet took ~5x longer to write)."""
+    import pyarrow as pa
+
     with pa.ipc.new_file(out, table.schema) as writer:
         writer.write_table(table)
 
@@ -128,6 +228,7 @@ class ShardResult:
     keys_written: int
     duplicates: int = 0  # rows whose key repeated an earlier row's in the shard: written once
     seconds: dict[str, float] = field(default_factory=dict)
+    threads: int | None = None  # the cap on the models' thread pools (None: none)
 
 
 def score_shard(
@@ -138,8 +239,21 @@ def score_shard(
     settings: Settings,
     ttl_seconds: int | None = None,
     online: OnlineStore | None = None,
+    threads: int | None = None,
 ) -> ShardResult:
-    """Read one shard, key it, predict, and write it under the staged version."""
+    """Read one shard, key it, predict, and write it under the staged version.
+
+    `threads` caps the models' OpenMP/BLAS pools (default: BATCHSCORE_SCORING_THREADS,
+    unset: no cap); the flow passes `sizing.scoring_threads`.
+    """
+    import pyarrow as pa
+    from threadpoolctl import threadpool_limits
+
+    from batchscore.keys import first_occurrences, hash_rows
+    from batchscore.online import OnlineStore, SupersededError
+    from batchscore.scoring import encode_predictions
+    from batchscore.store import ObjectStore
+
     clock = _Clock()
     table = pa.ipc.open_file(pa.py_buffer(ObjectStore.read_uri(shard_uri, settings))).read_all()
     features = table.select(bundle.feature_columns).to_pandas()
@@ -157,10 +271,11 @@ def score_shard(
     online = online or OnlineStore.from_settings(settings)
     # Scored and sent a block at a time: Redis stores one block while the next is scored.
     # Parallel tasks whose models each spread over every core spin against each other:
-    # BATCHSCORE_SCORING_THREADS caps each task's pools (unset: no cap).
+    # each task's pools are capped (cores / concurrent tasks in the flow).
+    threads = threads or settings.scoring_threads
     try:
         with (
-            threadpool_limits(limits=settings.scoring_threads),
+            threadpool_limits(limits=threads),
             online.writer(version, shard, ttl_seconds) as writer,
         ):
             for start in range(0, len(keys), SCORE_BLOCK_ROWS):
@@ -174,13 +289,13 @@ def score_shard(
         # delete what this shard wrote after that (each shard does, the last one wins).
         online.discard(version)
         log.warning("shard %s: %s; its keys are deleted", shard, exc)
-        return ShardResult(shard, table.num_rows, 0, 0, clock.seconds)
+        return ShardResult(shard, table.num_rows, 0, 0, clock.seconds, threads)
     clock.lap("write")
     written = writer.landed
     duplicates = table.num_rows - len(keys)
     if duplicates:
         log.warning("shard %s: %d duplicate rows written once", shard, duplicates)
-    return ShardResult(shard, table.num_rows, written, duplicates, clock.seconds)
+    return ShardResult(shard, table.num_rows, written, duplicates, clock.seconds, threads)
 
 
 @dataclass(frozen=True)
@@ -196,7 +311,7 @@ def publish(
     version: str,
     results: list[ShardResult],
     input_uri: str,
-    bundle: ModelBundle,
+    bundle: ModelBundle | ModelFiles,
     settings: Settings,
     scratch: Sequence[str] = (),
 ) -> PublishResult:
@@ -204,13 +319,17 @@ def publish(
     are still in Redis; record the run. A version superseded by a newer live one is
     discarded. Either way the run is over, so its scratch shards are deleted; on an error
     they stay, for `resume`."""
+    from batchscore.online import OnlineStore
+    from batchscore.store import ObjectStore
+    from batchscore.tracking import Tracker
+
     online = OnlineStore.from_settings(settings)
     rows = sum(r.rows_scored for r in results)
     keys = sum(r.keys_written for r in results)
     record = {
         "input_uri": input_uri,
         "training_run_id": bundle.training_run_id,
-        "models": [m.name for m in bundle.models],
+        "models": bundle.names,
         "redis_version": version,
         "rows_scored": rows,
         "keys_written": keys,
@@ -241,18 +360,20 @@ def stage(
     version: str,
     run_id: str,
     input_uri: str,
-    bundle: ModelBundle,
+    bundle: ModelBundle | ModelFiles,
     settings: Settings,
     ttl_seconds: int | None = None,
 ) -> None:
     """Open the run's Redis version (invisible to readers until `publish`)."""
+    from batchscore.online import OnlineStore
+
     OnlineStore.from_settings(settings).stage(
         version,
         {
             "run_id": run_id,
             "input": input_uri,
             "model": bundle.champion,
-            "models": ",".join(m.name for m in bundle.models),
+            "models": ",".join(bundle.names),
             "training_run_id": bundle.training_run_id,
             "feature_columns": bundle.feature_columns,
             "classes": list(bundle.classes),

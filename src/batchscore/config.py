@@ -74,8 +74,8 @@ class Settings(BaseSettings):
     id_column: str | None = None
     # Metaflow @retry count for the I/O steps; fault tests set 0 to fail fast.
     step_retries: int = Field(2, ge=0, le=4)  # Metaflow allows at most 4
-    # Threads each scoring task gives the models' OpenMP/BLAS pools (unset: the libraries'
-    # default, every core). With N tasks on one machine, cores / N avoids oversubscription.
+    # Threads each scoring task gives the models' OpenMP/BLAS pools (unset: the flow sizes
+    # them, cores / concurrent tasks; see sizing.py). Set: this value wins.
     scoring_threads: int | None = Field(None, ge=1)
 
     s3_endpoint_url: str | None = Field(

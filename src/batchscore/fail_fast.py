@@ -20,18 +20,24 @@ from typing import Any
 
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-from batchscore.models import IntegrityError
 from metaflow import user_step_decorator
 
-# InputError and bad parameters are ValueErrors; a model that fails its SHA-256 check
-# will fail it again.
-DETERMINISTIC: tuple[type[BaseException], ...] = (ValueError, IntegrityError)
+
+def deterministic() -> tuple[type[BaseException], ...]:
+    """InputError and bad parameters are ValueErrors; a model that fails its SHA-256 check
+    (`models.IntegrityError`) will fail it again. That error is only raised once
+    `batchscore.models` is imported, so it is looked up, not imported: importing it here
+    would cost every step scikit-learn's import."""
+    models = sys.modules.get("batchscore.models")
+    return (ValueError, models.IntegrityError) if models else (ValueError,)
 
 
 @user_step_decorator
 def fail_fast(step_name: str, flow: Any, inputs: Any = None, attributes: Any = None) -> Iterator:
     try:
         yield
-    except DETERMINISTIC as exc:
+    except Exception as exc:
+        if not isinstance(exc, deterministic()):
+            raise
         print(f"{step_name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)

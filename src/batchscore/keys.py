@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchscore.data import InputError
+if TYPE_CHECKING:  # imported where used: the batch flow's light steps import this module
+    import pandas as pd
 
 _BLOCK_ROWS = 8_192
+_STRING_BYTES = np.iinfo(np.int32).max  # the most text an Arrow `string` array can hold
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
@@ -29,13 +31,15 @@ def feature_bytes(features: np.ndarray) -> np.ndarray:
     if matrix.ndim == 1:
         matrix = matrix.reshape(1, -1)
     if not np.isfinite(matrix).all():
+        from batchscore.data import InputError
+
         row, col = (int(i[0]) for i in np.nonzero(~np.isfinite(matrix)))
         raise InputError(f"row {row + 1}, feature {col + 1}: NaN or inf cannot be keyed")
     # Adding +0.0 turns -0.0 into +0.0 and leaves every other value as it is.
     return np.ascontiguousarray(matrix + 0.0, dtype="<f8")
 
 
-def hash_rows(features: np.ndarray | pd.DataFrame) -> pa.StringArray:
+def hash_rows(features: np.ndarray | pd.DataFrame) -> pa.StringArray | pa.LargeStringArray:
     """One hex key per row, as an Arrow array: the batch path never makes a str per key.
 
     The features must already be in training order. Hashing is one hashlib call per row
@@ -56,8 +60,13 @@ def hash_rows(features: np.ndarray | pd.DataFrame) -> pa.StringArray:
     hexed = np.empty((len(rows), 64), dtype=np.uint8)
     hexed[:, 0::2] = _HEX[digests >> 4]
     hexed[:, 1::2] = _HEX[digests & 15]
-    offsets = np.arange(0, 64 * len(rows) + 1, 64, dtype=np.int32)
-    return pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets), pa.py_buffer(hexed))
+    # Arrow's `string` addresses its text with int32 offsets: 64 bytes a key wraps them past
+    # ~33.5M keys, so a larger call gets `large_string` (int64 offsets), same values.
+    if 64 * len(rows) <= _STRING_BYTES:
+        offsets, kind = np.arange(0, 64 * len(rows) + 1, 64, dtype=np.int32), pa.StringArray
+    else:
+        offsets, kind = np.arange(0, 64 * len(rows) + 1, 64, dtype=np.int64), pa.LargeStringArray
+    return kind.from_buffers(len(rows), pa.py_buffer(offsets), pa.py_buffer(hexed))
 
 
 def row_keys(features: np.ndarray | pd.DataFrame) -> list[str]:
@@ -85,6 +94,8 @@ def id_keys(
     ids: pd.Series, source: str = "input", column: str = "id", first_row: int = 1
 ) -> list[str]:
     """Keys from an id column: its values as text, each present and free of ':' and spaces."""
+    from batchscore.data import InputError
+
     text = ids.astype("string")
     bad = text.isna() | (text.str.len() == 0) | text.str.contains(r"[\s:*?\[\]]", regex=True)
     if bad.any():

@@ -17,15 +17,13 @@ import json
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
@@ -35,14 +33,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from batchscore.config import Settings
-from batchscore.data import InputError, to_feature_frame
 from batchscore.embedded_redis import ensure_server
 from batchscore.keys import id_keys, row_keys
 
+if TYPE_CHECKING:  # pandas and the table readers cost every batch-flow step 0.3 s to import
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 2_000  # keys per round trip: 1,000-5,000 measured best (benchmarks/bench_scoring.py)
-_BLOCK_ROWS = 100_000  # rows turned into RESP at a time: bounds memory, keeps 32-bit offsets
+WRITE_CHUNK = 2_000  # keys per MSET: 1,000-5,000 measured best (benchmarks/README.md)
+_BLOCK_ROWS = 20_000  # rows per pipeline: one round of replies, a few MB in flight
 SCAN_COUNT = 5_000
 KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses its version
 
@@ -165,34 +165,16 @@ def new_version(run_id: str, at: datetime | None = None) -> str:
     return f"{at:%Y%m%dT%H%M%S%f}Z-{tag}"
 
 
-def _strings(items: pa.Array | Sequence[str], what: str) -> pa.StringArray:
+def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:
+    """Text without nulls, as `string` or `large_string` (hash_rows of a huge shard)."""
     if isinstance(items, pa.ChunkedArray):
         items = items.combine_chunks()
     if not isinstance(items, pa.Array):
         items = pa.array(items, pa.string())
-    if not pa.types.is_string(items.type) or items.null_count:
+    text = pa.types.is_string(items.type) or pa.types.is_large_string(items.type)
+    if not text or items.null_count:
         raise ValueError(f"{what} must be text without nulls, not {items.type}")
     return items
-
-
-def _commands(base: str, keys: pa.StringArray, values: pa.StringArray, ttl: int | None) -> pa.Array:
-    """Each row's RESP text, built column-wise: `SET name value EX ttl` with a TTL, else the
-    `name value` pair of an MSET. Lengths are UTF-8 byte counts, as RESP wants."""
-    name_bytes = pc.add(pc.binary_length(keys), len(base.encode()))
-    parts: list[Any] = [
-        "$",
-        pc.cast(name_bytes, pa.string()),
-        "\r\n" + base,
-        keys,
-        "\r\n$",
-        pc.cast(pc.binary_length(values), pa.string()),
-        "\r\n",
-        values,
-        "\r\n",
-    ]
-    if ttl:
-        parts = ["*5\r\n$3\r\nSET\r\n", *parts, f"$2\r\nEX\r\n${len(str(ttl))}\r\n{ttl}\r\n"]
-    return pc.binary_join_element_wise(*parts, "")
 
 
 def ttl_seconds(days: float) -> int | None:
@@ -446,6 +428,8 @@ class OnlineStore:
         """The row keys of raw rows under the version's own key scheme: the id column's
         text for an id-keyed version, else the hash of the feature columns (training
         order: `feature_columns`, default what the version recorded)."""
+        from batchscore.data import InputError, to_feature_frame
+
         scheme, id_column = self.key_scheme(version)
         if scheme == "id":
             if id_column not in rows.columns:
@@ -502,19 +486,17 @@ class OnlineStore:
 
 
 class ShardWriter:
-    """Streams one shard's rows into a staged version, batch-first.
+    """Streams one shard's rows into a staged version through redis-py pipelines.
 
     Without a TTL a chunk is one MSET (one reply); with one it is a run of
-    `SET name value EX ttl`, about half as fast on the server. A chunk's RESP bytes come
-    straight out of an Arrow buffer and go out without MULTI; replies are read up to
-    `WINDOW` chunks behind, so Redis stores one block while the caller scores the next.
-    A dropped connection is retried under the client's policy by resending every chunk
-    not yet acknowledged (MSET and SET are idempotent). On a clean exit the writer checks
-    that every key was acknowledged and only then records the shard's count, so a shard
-    that died midway is never counted.
+    `SET name value EX ttl`, about half as fast on the server. Each block of rows (in
+    `score_shard`, 20,000) is one pipeline without MULTI, packed by hiredis and executed on
+    a background thread, so that Redis stores one block while the caller scores the next.
+    A dropped connection is retried under the client's policy by resending the whole
+    pipeline (MSET and SET are idempotent). On a clean exit the writer waits for the last
+    block, checks that every key was acknowledged, and only then records the shard's count,
+    so a shard that died midway is never counted.
     """
-
-    WINDOW = 8  # chunks in flight: enough to keep Redis busy, a few MB at most
 
     def __init__(
         self,
@@ -529,88 +511,71 @@ class ShardWriter:
         self.base = f"{store.prefix}:{version}:"
         self.sent = 0
         self.landed = 0
+        self._sender: ThreadPoolExecutor | None = None
+        self._in_flight: Future[None] | None = None  # the previous block's pipeline
         self.sample = KeySample()  # checked by `OnlineStore.verify` before the switch
-        self._pool = store.client.connection_pool
-        self._connection: redis.Connection | None = None
-        self._in_flight: deque[tuple[list[Any], int]] = deque()  # (payload, keys)
-        self._lost = False  # the connection dropped: resend what is in flight
 
     def __enter__(self) -> ShardWriter:
-        self._connection = self._pool.get_connection()
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        connection, self._connection = self._connection, None
+        sender, self._sender = self._sender, None
         try:
             if kind is None:
-                while self._in_flight:
-                    self._retry(self._acknowledge_oldest, connection)
+                self._wait()
         finally:
-            if kind is not None or self._in_flight:
-                connection.disconnect()  # unread replies must not reach the next user
-            self._pool.release(connection)
+            sender.shutdown(wait=True, cancel_futures=True)
         if kind is None:
             self._record()
 
     def write(self, row_keys: pa.Array | Sequence[str], values: pa.Array | Sequence[str]) -> None:
-        """Send these rows (a block of any size); replies are checked as the window moves."""
-        if self._connection is None:
+        """Queue these rows (a block of any size); the previous block's replies are checked."""
+        if self._sender is None:
             raise RuntimeError("use the writer as a context manager: `with store.writer(...)`")
         keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
         if len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys but {len(texts)} values")
-        self.sample.add(keys)
         for block in range(0, len(keys), _BLOCK_ROWS):
-            commands = _commands(
-                self.base, keys.slice(block, _BLOCK_ROWS), texts.slice(block, _BLOCK_ROWS), self.ttl
+            # Names and values as bytes, straight from Arrow: nothing to encode per key.
+            block_keys = keys.slice(block, _BLOCK_ROWS).cast(pa.string())
+            self.sample.add(block_keys)
+            names = pc.binary_join_element_wise(self.base, block_keys, "")
+            pipe, sizes = self._pipeline(
+                _as_bytes(names), _as_bytes(texts.slice(block, _BLOCK_ROWS))
             )
-            offsets = np.frombuffer(commands.buffers()[1], np.int32)
-            data = memoryview(commands.buffers()[2] or b"")
-            for start in range(0, len(commands), self.chunk):
-                stop = min(start + self.chunk, len(commands))
-                payload = [data[offsets[start] : offsets[stop]]]
-                if not self.ttl:
-                    payload.insert(0, f"*{2 * (stop - start) + 1}\r\n$4\r\nMSET\r\n".encode())
-                self._in_flight.append((payload, stop - start))
-                self.sent += stop - start
-                self._retry(self._send_newest, self._connection)
-                while len(self._in_flight) > self.WINDOW:
-                    self._retry(self._acknowledge_oldest, self._connection)
+            self._wait()
+            self.sent += sum(sizes)
+            self._in_flight = self._sender.submit(self._execute, pipe, sizes)
 
-    # ------------------------------------------------------------------ internals
+    def _pipeline(self, names: np.ndarray, values: np.ndarray) -> tuple[Any, list[int]]:
+        pipe = self.store.client.pipeline(transaction=False)
+        sizes = []
+        for start in range(0, len(names), self.chunk):
+            chunk_names = names[start : start + self.chunk]
+            chunk_values = values[start : start + self.chunk]
+            if self.ttl:
+                for name, value in zip(chunk_names, chunk_values, strict=True):
+                    pipe.execute_command("SET", name, value, "EX", self.ttl)
+                sizes += [1] * len(chunk_names)
+            else:
+                pairs = np.empty(2 * len(chunk_names), dtype=object)
+                pairs[0::2], pairs[1::2] = chunk_names, chunk_values
+                pipe.execute_command("MSET", *pairs)
+                sizes.append(len(chunk_names))
+        return pipe, sizes
 
-    def _retry(self, operation: Any, connection: redis.Connection) -> None:
-        def dropped(_error: Exception) -> None:
-            connection.disconnect()
-            self._lost = True
+    def _execute(self, pipe: Any, sizes: list[int]) -> None:
+        for size, reply in zip(sizes, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, Exception):
+                log.warning("Redis refused a write: %s", reply)
+            elif reply:
+                self.landed += size
 
-        connection.retry.call_with_retry(partial(operation, connection), dropped)
-
-    def _replay(self, connection: redis.Connection) -> bool:
-        """After a reconnect, resend every chunk still in flight; True if it did."""
-        if not self._lost:
-            return False
-        for payload, _ in self._in_flight:
-            connection.send_packed_command(payload, check_health=False)
-        self._lost = False
-        return True
-
-    def _send_newest(self, connection: redis.Connection) -> None:
-        # Health checks stay off: a PING would read a reply that belongs to a chunk.
-        if not self._replay(connection):
-            connection.send_packed_command(self._in_flight[-1][0], check_health=False)
-
-    def _acknowledge_oldest(self, connection: redis.Connection) -> None:
-        self._replay(connection)
-        _, keys = self._in_flight[0]
-        ok = 0
-        for _ in range(keys if self.ttl else 1):
-            try:
-                ok += connection.read_response() in (b"OK", "OK")
-            except redis.ResponseError as exc:  # read on, so the connection stays in step
-                log.warning("Redis refused a write: %s", exc)
-        self._in_flight.popleft()
-        self.landed += ok if self.ttl else ok * keys
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()  # a failed block's error surfaces here
 
     def _record(self) -> None:
         if self.landed != self.sent:
@@ -618,3 +583,7 @@ class ShardWriter:
                 f"shard {self.shard}: Redis acknowledged {self.landed} of {self.sent}"
             )
         self.store.record_shard(self.version, self.shard, self.landed, self.sample.keys())
+
+
+def _as_bytes(texts: pa.Array) -> np.ndarray:
+    return texts.cast(pa.binary()).to_numpy(zero_copy_only=False)

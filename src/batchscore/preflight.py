@@ -71,14 +71,17 @@ def require_services(settings: Settings) -> None:
     """For a flow's `start`: on a ServiceError print its one line and end the step at once.
 
     A plain exception would cost a traceback, and a MetaflowException's message is printed
-    with every `*` taken as a highlight marker (the `***` of a masked password vanishes);
-    exiting fails the task, and the run with it, with this line as the only error output.
+    with every `*` taken as a highlight marker (the `***` of a masked password vanishes).
+    Exiting with Metaflow's "do not retry" code fails the task and the run at once, even
+    under @retry, with this line as the only error output.
     """
     try:
         check_services(settings)
     except ServiceError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(1) from None
+        from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(METAFLOW_EXIT_DISALLOW_RETRY) from None
 
 
 def check_services(settings: Settings) -> None:

@@ -8,13 +8,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from batchscore.evaluation import METRIC_NAMES
-
 
 def metrics_rows(
     metrics: Mapping[str, Mapping[str, float]], cv_scores: Mapping[str, float], champion: str
 ) -> list[list[str]]:
     """Header plus one row per model, best cross-validated score first."""
+    # Imported here: evaluation pulls in matplotlib and scikit-learn, which the batch
+    # flow's `end` step (print_mapping) does not need.
+    from batchscore.evaluation import METRIC_NAMES
+
     header = ["model", "cv roc_auc", *METRIC_NAMES, "champion"]
     order = sorted(metrics, key=lambda m: (-cv_scores.get(m, 0.0), m))
     rows = [

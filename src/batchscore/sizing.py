@@ -1,0 +1,79 @@
+"""Parallelism sized from the cores a step really has: shard count, rows per shard, threads.
+
+Locally every foreach task shares one machine, and Metaflow starts up to `--max-workers`
+(default 16) of them at once: with no flags the batch flow makes one shard per core (a
+larger input: shards of at most `SHARD_FEATURE_BYTES`) and gives each task
+cores / concurrent tasks threads, so nothing oversubscribes. On Kubernetes or AWS Batch
+each task is its own pod or job with the cpu its `@resources` asks for, so a task takes
+that many threads and shards are sized for memory only: the cluster runs them side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+# Float64 feature bytes in one shard at most (30 features: ~560k rows): what one scoring
+# task holds as Arrow plus pandas, so memory stays well inside the step's @resources.
+SHARD_FEATURE_BYTES = 128 * 2**20
+_COMPUTE_DECORATORS = ("resources", "kubernetes", "batch")
+
+
+def remote() -> bool:
+    """True inside a Kubernetes pod or AWS Batch job that Metaflow started."""
+    return bool(
+        os.environ.get("METAFLOW_KUBERNETES_WORKLOAD") or os.environ.get("AWS_BATCH_JOB_ID")
+    )
+
+
+def machine_cores() -> int:
+    """CPUs this process may run on: its affinity mask, bounded by a cgroup CPU limit."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_cpu_limit()
+    return max(1, min(cores or 1, quota or cores or 1))
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """A container's CPU limit (cgroup v2 `cpu.max`), rounded up; None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+
+
+def step_cores(flow: Any = None, step_name: str | None = None) -> int:
+    """Cores of the running step: in a pod, the cpu its @resources (or @kubernetes) asked
+    for, since a pod without a CPU limit sees the whole node; locally, the machine's."""
+    if remote() and flow is not None and step_name:
+        function = getattr(flow, step_name, None)
+        asked = [
+            float(deco.attributes["cpu"])
+            for deco in getattr(function, "decorators", [])
+            if deco.name in _COMPUTE_DECORATORS and deco.attributes.get("cpu")
+        ]
+        if asked:
+            return max(1, math.floor(max(asked)))
+    return machine_cores()
+
+
+def default_shard_rows(rows: int | None, features: int, cores: int) -> int:
+    """Rows per shard when the user gives none: one shard per core, each small enough to
+    hold in memory. Row count unknown (CSV), or tasks on a cluster: the memory bound only."""
+    most = max(1, SHARD_FEATURE_BYTES // (8 * max(1, features)))
+    if rows is None or remote():
+        return most
+    return max(1, min(most, math.ceil(rows / max(1, cores))))
+
+
+def scoring_threads(shards: int, cores: int, override: int | None = None) -> int:
+    """Threads for one scoring task's model pools: `override` (BATCHSCORE_SCORING_THREADS)
+    if set; in a pod of its own, all its cores; locally, cores / tasks running at once
+    (never more tasks than shards, and past one per core each task gets one thread)."""
+    if override:
+        return override
+    if remote():
+        return cores
+    return max(1, cores // max(1, min(shards, cores)))

@@ -1,0 +1,64 @@
+"""Shards and threads sized from the cores a step has: no oversubscription at the defaults."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from batchscore import sizing
+
+
+@pytest.fixture
+def local(monkeypatch):
+    monkeypatch.delenv("METAFLOW_KUBERNETES_WORKLOAD", raising=False)
+    monkeypatch.delenv("AWS_BATCH_JOB_ID", raising=False)
+
+
+def test_machine_cores_is_the_affinity_mask(local):
+    assert sizing.machine_cores() <= len(os.sched_getaffinity(0))
+    assert sizing.machine_cores() >= 1
+
+
+def test_one_shard_per_core_when_the_rows_fit(local):
+    assert sizing.default_shard_rows(1_000_000, 30, cores=2) == 500_000
+    assert sizing.default_shard_rows(569, 30, cores=2) == 285
+    assert sizing.default_shard_rows(1, 30, cores=8) == 1
+
+
+def test_shards_stay_small_enough_to_hold(local):
+    most = sizing.SHARD_FEATURE_BYTES // (8 * 300)
+    assert sizing.default_shard_rows(100_000_000, 300, cores=2) == most
+    assert sizing.default_shard_rows(None, 300, cores=2) == most  # row count unknown (CSV)
+
+
+def test_threads_split_the_cores_between_concurrent_tasks(local):
+    assert sizing.scoring_threads(shards=2, cores=2) == 1
+    assert sizing.scoring_threads(shards=10, cores=2) == 1  # --max-workers 16: still 1 each
+    assert sizing.scoring_threads(shards=1, cores=8) == 8
+    assert sizing.scoring_threads(shards=2, cores=8) == 4
+    assert sizing.scoring_threads(shards=2, cores=2, override=3) == 3  # the variable wins
+
+
+class _Decorator:
+    def __init__(self, name: str, cpu) -> None:
+        self.name, self.attributes = name, {"cpu": cpu}
+
+
+class _Flow:
+    def batch_processing(self):  # a step as Metaflow decorates it
+        pass
+
+    batch_processing.decorators = [_Decorator("resources", 2), _Decorator("kubernetes", "4")]
+
+
+def test_in_a_pod_a_task_takes_the_cpu_its_step_asks_for(monkeypatch):
+    monkeypatch.setenv("METAFLOW_KUBERNETES_WORKLOAD", "1")
+    assert sizing.step_cores(_Flow(), "batch_processing") == 4
+    assert sizing.scoring_threads(shards=50, cores=4) == 4  # one pod per shard
+    # Shards are sized for memory: the cluster runs them side by side.
+    assert sizing.default_shard_rows(1_000_000, 30, cores=1) == sizing.SHARD_FEATURE_BYTES // 240
+
+
+def test_locally_the_decorators_do_not_count(local):
+    assert sizing.step_cores(_Flow(), "batch_processing") == sizing.machine_cores()
