@@ -149,10 +149,10 @@ def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
     # At its defaults the flow sizes itself from the cores: one shard per core (Metaflow's
     # --max-workers 16 never starts more), each task capped to cores / tasks threads.
     rows = read_csv(ObjectStore.from_settings(settings), train.data.data.batch_input_uri)
-    parquet = tmp_path / "rows.parquet"
+    parquet = project / "rows.parquet"
     rows.to_parquet(parquet)
-    env = {k: v for k, v in embedded_env.items() if k != "BATCHSCORE_SCORING_THREADS"}
-    batch = run_flow("batch_processing.py", env, tmp_path / "work", input_path=str(parquet))
+    env = {k: v for k, v in env.items() if k != "BATCHSCORE_SCORING_THREADS"}
+    batch = run_flow("batch_processing.py", env, project, input_path=str(parquet))
     tasks = list(batch["batch_processing"])
     cores = machine_cores()
     assert len(tasks) == min(cores, len(rows))
