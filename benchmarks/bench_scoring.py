@@ -102,7 +102,10 @@ class TimedEstimator:
 
 
 def timed_bundle(bundle: ModelBundle) -> ModelBundle:
-    models = [LoadedModel(m.name, TimedEstimator(m.estimator), m.sha256) for m in bundle.models]
+    models = [
+        LoadedModel(m.name, TimedEstimator(m.estimator), m.sha256, m.threshold)
+        for m in bundle.models
+    ]
     return ModelBundle(bundle.training_run_id, models, bundle.feature_columns, bundle.classes)
 
 

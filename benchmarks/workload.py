@@ -74,7 +74,7 @@ def train_bundle(seed: int) -> ModelBundle:
     models = []
     for name in order:
         _, sha = dump_model(trained[name].estimator)
-        models.append(LoadedModel(name, trained[name].estimator, sha))
+        models.append(LoadedModel(name, trained[name].estimator, sha, trained[name].threshold))
     return ModelBundle("bench-training", models, list(data.features.columns), data.classes)
 
 

@@ -9,9 +9,16 @@ Every step is a few lines; the work lives in `src/batchscore`.
 
 import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.config import Settings
-from batchscore.evaluation import metrics_only
 from batchscore.fail_fast import fail_fast
-from batchscore.models import MODEL_NAMES, choose_champion, train_model
+from batchscore.models import (
+    BRANCH_CPUS,
+    DEFAULT_THRESHOLD_METRIC,
+    MODEL_NAMES,
+    THRESHOLD_METRICS,
+    check_threshold_metric,
+    choose_champion,
+    train_model,
+)
 from batchscore.preflight import require_services
 from batchscore.report import card_components, print_mapping, print_metrics
 from batchscore.training import evaluate_all, prepare_data, save_training
@@ -37,10 +44,16 @@ class TrainModelsFlow(FlowSpec):
     test_size = Parameter("test_size", default=0.2, type=float, help="share of rows held out")
     random_state = Parameter("random_state", default=42, type=int)
     cv_folds = Parameter("cv_folds", default=5, type=int, help="cross-validation folds")
+    threshold_metric = Parameter(
+        "threshold_metric",
+        default=DEFAULT_THRESHOLD_METRIC,
+        help=f"what each model's decision threshold maximises on CV folds: {THRESHOLD_METRICS}",
+    )
 
     @step
     def start(self):
         """Say where data, metrics and models will go; stop now if a service is unreachable."""
+        check_threshold_metric(self.threshold_metric)
         print_mapping("batchscore services", Settings().describe())
         require_services(Settings())
         self.next(self.load_and_prepare_data)
@@ -62,17 +75,18 @@ class TrainModelsFlow(FlowSpec):
         self.model_names = list(MODEL_NAMES)
         self.next(self.train_model, foreach="model_names")
 
-    @resources(cpu=2, memory=4096)
+    @resources(cpu=BRANCH_CPUS, memory=4096)
     @timeout(hours=2)
     @step
     def train_model(self):
-        """One branch per model: grid search with cross-validation."""
+        """One branch per model: grid search, then its threshold, by cross-validation."""
         self.trained = train_model(
             self.input,
             self.data.train_features,
             self.data.train_labels,
             self.cv_folds,
             self.random_state,
+            self.threshold_metric,
         )
         self.next(self.join_models)
 
@@ -87,9 +101,12 @@ class TrainModelsFlow(FlowSpec):
     @step
     def evaluate(self):
         """Test-split metrics and figures; the champion is chosen by CV, not by these."""
+        from batchscore.evaluation import metrics_only  # matplotlib: this step only
+
         results, self.pngs = evaluate_all(self.trained, self.data)
         self.metrics = metrics_only(results)
         self.cv_scores = {name: model.cv_score for name, model in self.trained.items()}
+        self.thresholds = {name: model.threshold for name, model in self.trained.items()}
         self.champion = choose_champion(self.trained)
         current.card.extend(
             card_components(
@@ -119,6 +136,7 @@ class TrainModelsFlow(FlowSpec):
     def end(self):
         """The summary: every model's metrics and the champion."""
         print_metrics(self.metrics, self.cv_scores, self.champion)
+        print_mapping("thresholds", self.thresholds)  # label 1: proba >= threshold
         print(f"champion: {self.champion} -> {self.model_uris[self.champion]}")
         print(f"card: python metaflow/train_models.py card get {current.run_id}/evaluate card.html")
 

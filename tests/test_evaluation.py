@@ -65,13 +65,17 @@ def test_zero_division_is_zero_not_an_error():
 def test_metrics_only_keeps_the_five_metrics():
     results = {"a": evaluate_model(_threshold_model(), X, Y)}
     only = metrics_only(results)
-    assert set(only["a"]) == set(METRIC_NAMES) == {
-        "precision",
-        "recall",
-        "f1",
-        "roc_auc",
-        "accuracy",
-    }
+    assert (
+        set(only["a"])
+        == set(METRIC_NAMES)
+        == {
+            "precision",
+            "recall",
+            "f1",
+            "roc_auc",
+            "accuracy",
+        }
+    )
     assert all(isinstance(v, float) for v in only["a"].values())
 
 
@@ -117,3 +121,23 @@ def test_confusion_matrices_share_one_grid():
     # Two rows of three, not a column of five: at most twice one matrix's height.
     width, height = fig.get_size_inches()
     assert width > height and height <= 2 * 3.1
+
+
+def test_metrics_are_at_the_models_threshold():
+    # Probabilities are sigmoid(x). A threshold between sigmoid(-2) and sigmoid(-1)
+    # predicts 1 for x >= -1: the same rows as the shifted model above, so the same counts.
+    threshold = round(float(1 / (1 + np.exp(1.5))), 6)
+    result = evaluate_model(_threshold_model(), X, Y, threshold)
+    assert result["threshold"] == threshold
+    assert result["precision"] == pytest.approx(3 / 4)
+    assert result["recall"] == pytest.approx(3 / 4)
+    assert result["confusion"] == [[1, 1], [1, 3]]
+    # ROC AUC does not depend on any threshold.
+    assert result["roc_auc"] == evaluate_model(_threshold_model(), X, Y)["roc_auc"]
+
+
+def test_a_probability_at_the_threshold_counts_as_positive():
+    # The x = -1 row's probability, as published (6 decimals), is the threshold itself.
+    at_minus_one = round(float(1 / (1 + np.exp(1.0))), 6)
+    result = evaluate_model(_threshold_model(), X, Y, at_minus_one)
+    assert result["confusion"] == [[1, 1], [1, 3]]  # x = -1 predicted 1, x = -2 not

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from batchscore.keys import row_keys
-from batchscore.models import MODEL_NAMES
+from batchscore.models import MODEL_NAMES, labels_at, positive_proba
 from batchscore.online import OnlineStore
 from batchscore.sizing import machine_cores
 from batchscore.store import ObjectStore
@@ -43,6 +43,8 @@ def check_training(run, settings) -> None:
     for name, values in data.metrics.items():
         assert set(values) == {"precision", "recall", "f1", "roc_auc", "accuracy"}, name
         assert all(0.0 <= v <= 1.0 for v in values.values()), (name, values)
+    assert set(data.thresholds) == set(MODEL_NAMES)
+    assert all(0.0 <= t <= 1.0 for t in data.thresholds.values())
     best_cv = max(data.cv_scores.values())
     assert data.cv_scores[data.champion] == best_cv  # chosen by CV, never by the test set
     assert set(data.model_uris) == set(MODEL_NAMES)
@@ -78,9 +80,10 @@ def check_batch(run, settings) -> None:
     # Every row, looked up from its raw features, carries the champion's own prediction.
     predictions = online.get_many(row_keys(published.to_numpy()))
     assert all(p is not None for p in predictions)
-    champion = data.model_files.load().models[0].estimator
-    expected = champion.predict(published)
+    champion = data.model_files.load().models[0]
+    expected = labels_at(positive_proba(champion.estimator, published), champion.threshold)
     assert [p["label"] for p in predictions] == expected.tolist()
+    assert {p["threshold"] for p in predictions} == {champion.threshold}
     assert {p["model"] for p in predictions} == {data.model_name}
 
 

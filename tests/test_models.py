@@ -7,23 +7,32 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from batchscore.data import load_dataset
+from batchscore.evaluation import evaluate_model
 from batchscore.models import (
+    BRANCH_CPUS,
     CV_SCORING,
     MODEL_NAMES,
+    SAMPLE_ROWS,
+    THRESHOLD_METRICS,
     IntegrityError,
     TrainedModel,
     choose_champion,
     dump_model,
+    labels_at,
     load_model,
     model_zoo,
     positive_proba,
     train_model,
+    training_jobs,
 )
 
 
@@ -39,16 +48,22 @@ def small_data():
 def test_zoo_entries_are_scaled_pipelines_with_grids():
     zoo = model_zoo()
     assert tuple(zoo) == MODEL_NAMES == ("tree", "svc", "knn", "logreg", "xgboost")
-    for name, (pipeline, grid) in zoo.items():
+    for name, entry in zoo.items():
+        pipeline = entry.pipeline
         assert isinstance(pipeline, Pipeline), name
         assert isinstance(pipeline.steps[0][1], StandardScaler), name
-        assert grid, name
+        grids = entry.grid if isinstance(entry.grid, list) else [entry.grid]
         params = pipeline.get_params()
-        for key, values in grid.items():
-            assert key in params, f"{name}: {key} is not a pipeline parameter"
-            assert values, name
-        assert hasattr(pipeline, "predict_proba"), name
+        for grid in grids:
+            assert grid, name
+            for key, values in grid.items():
+                assert key in params, f"{name}: {key} is not a pipeline parameter"
+                assert values, name
+        # One searched without probabilities is calibrated afterwards: every saved model has them.
+        assert entry.calibrate or hasattr(pipeline, "predict_proba"), name
     assert CV_SCORING == "roc_auc"
+    # Kernel SVM and KNN are the models whose cost grows fastest with rows.
+    assert {n for n, e in zoo.items() if e.sample_rows} == {"svc", "knn"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -63,6 +78,111 @@ def test_train_model_on_a_small_slice(small_data, name):
     # Refit on all training rows: predicts every row, takes raw (unscaled) features.
     assert trained.estimator.predict(features).shape == (len(features),)
     assert isinstance(trained.estimator.steps[0][1], StandardScaler)
+    # A threshold chosen on held-out folds, published with 6 decimals like the proba.
+    assert 0.0 <= trained.threshold <= 1.0
+    assert trained.threshold == round(trained.threshold, 6)
+    assert trained.threshold_metric == "f1"
+    assert trained.fit_rows == len(labels)
+    # What the batch flow loads: a plain, hash-checked scikit-learn object.
+    data, sha256 = dump_model(trained.estimator)
+    loaded = load_model(data, sha256)
+    np.testing.assert_array_equal(
+        positive_proba(loaded, features), positive_proba(trained.estimator, features)
+    )
+
+
+def test_svc_is_searched_bare_and_calibrated_once(small_data):
+    features, labels = small_data
+    trained = train_model("svc", features, labels, cv_folds=2)
+    assert set(trained.best_params) == {"kernel", "C"}
+    assert trained.best_params["kernel"] in ("rbf", "linear")
+    model = trained.estimator.named_steps["model"]
+    assert isinstance(model, CalibratedClassifierCV)
+    assert model.ensemble is False  # one SVM fitted on every training row, Platt-scaled
+    proba = positive_proba(trained.estimator, features)
+    assert ((proba > 0) & (proba < 1)).all()
+
+
+def test_large_tables_sample_kernel_and_neighbour_models():
+    rng = np.random.default_rng(0)
+    rows = SAMPLE_ROWS + 2_000
+    features = pd.DataFrame(rng.normal(size=(rows, 3)), columns=["a", "b", "c"])
+    labels = (features["a"] + rng.normal(size=rows) > 1.6).astype(int).to_numpy()
+    trained = train_model("knn", features, labels, cv_folds=2)
+    assert trained.fit_rows == SAMPLE_ROWS
+    # Stratified: the fitted neighbours keep the table's positive share.
+    fitted = trained.estimator.named_steps["model"]
+    assert fitted.n_samples_fit_ == SAMPLE_ROWS
+    assert abs(np.mean(fitted._y) - labels.mean()) < 0.001
+    assert train_model("logreg", features, labels, cv_folds=2).fit_rows == rows
+
+
+def test_an_unknown_threshold_metric_lists_the_known_ones(small_data):
+    features, labels = small_data
+    with pytest.raises(ValueError, match="recall") as info:
+        train_model("logreg", features, labels, cv_folds=2, threshold_metric="recall")
+    for metric in THRESHOLD_METRICS:
+        assert metric in str(info.value)
+
+
+@pytest.mark.parametrize("metric", THRESHOLD_METRICS)
+def test_every_threshold_metric_chooses_a_threshold(small_data, metric):
+    features, labels = small_data
+    trained = train_model("logreg", features, labels, cv_folds=2, threshold_metric=metric)
+    assert trained.threshold_metric == metric
+    assert 0.0 < trained.threshold < 1.0
+
+
+def test_another_threshold_metric_moves_the_threshold():
+    features, labels = _rare_positives(1_000, seed=1)
+    f1 = train_model("logreg", features, labels, cv_folds=3)
+    accuracy = train_model("logreg", features, labels, cv_folds=3, threshold_metric="accuracy")
+    assert accuracy.threshold_metric == "accuracy"
+    # Accuracy on 5% positives is best calling (almost) everything negative: a higher cut.
+    assert accuracy.threshold > f1.threshold
+
+
+def _rare_positives(rows: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """A weak, noisy signal and ~5% positives: no row's true probability reaches 0.5, as
+    in real insurance or fraud tables, so a 0.5 cut-off labels every row negative."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 8))
+    logit = -3.4 + 0.9 * x[:, 0] + 0.6 * x[:, 1] - 0.5 * x[:, 2]
+    labels = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
+    return pd.DataFrame(x, columns=[f"f{i}" for i in range(8)]), labels
+
+
+def test_champion_finds_positives_on_a_table_with_six_percent_of_them():
+    features, labels = _rare_positives(2_000, seed=0)
+    assert 0.04 < labels.mean() < 0.07
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=0.25, stratify=labels, random_state=0
+    )
+    trained = {name: train_model(name, x_train, y_train, cv_folds=3) for name in MODEL_NAMES}
+    champion = trained[choose_champion(trained)]
+    result = evaluate_model(champion.estimator, x_test, y_test, champion.threshold)
+    assert result["recall"] > 0
+    assert result["f1"] > 0
+    assert champion.threshold < 0.5
+    # What 0.5 would have published: not one positive found.
+    at_half = evaluate_model(champion.estimator, x_test, y_test, 0.5)
+    assert at_half["recall"] == 0
+
+
+def test_branches_share_the_local_cores_and_own_a_pods(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert training_jobs() == 16 // len(MODEL_NAMES)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert training_jobs() == 1  # five branches on two cores: one process each
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert training_jobs() == BRANCH_CPUS  # one pod per branch, with its @resources cpu
+
+
+def test_labels_at_the_threshold_are_positive():
+    proba = np.array([0.1, 0.2999994, 0.2999996, 0.3, 0.31])
+    # Compared as published (6 decimals): 0.2999996 is written 0.3, so it is positive.
+    np.testing.assert_array_equal(labels_at(proba, 0.3), [0, 0, 1, 1, 1])
 
 
 def test_train_model_is_reproducible(small_data):
@@ -131,9 +251,7 @@ def test_dump_and_load_round_trip(small_data):
     data, sha256 = dump_model(model)
     assert sha256 == hashlib.sha256(data).hexdigest()
     loaded = load_model(data, sha256, "file:///store/models/logreg.joblib")
-    np.testing.assert_array_equal(
-        loaded.predict_proba(features), model.predict_proba(features)
-    )
+    np.testing.assert_array_equal(loaded.predict_proba(features), model.predict_proba(features))
 
 
 class _CreatesFile:

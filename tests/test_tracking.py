@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from batchscore.tracking import (
     ModelRecord,
@@ -191,6 +191,35 @@ def test_fresh_home_folder_is_created_for_sqlite(tmp_path):
     finally:
         tracker.close()
     assert (tmp_path / "fresh-home" / "metrics.db").is_file()
+
+
+def test_thresholds_are_recorded_and_loaded_with_the_models(tracker):
+    models = {
+        "tree": {**_model("tree", 0.9), "threshold": 0.31},
+        "svc": {**_model("svc", 0.99), "threshold": None},
+    }
+    tracker.record_training("TrainModelsFlow/1", _run(), models, "tree")
+    assert tracker.model_records("champion")[0].threshold == pytest.approx(0.31)
+    assert tracker.metrics("TrainModelsFlow/1")["tree"]["threshold"] == pytest.approx(0.31)
+    # A row written without one (an older release) labelled at 0.5.
+    assert {r.model: r.threshold for r in tracker.model_records("all")}["svc"] == 0.5
+
+
+def test_a_database_from_before_thresholds_gains_the_column(tracker):
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
+    with tracker.engine.begin() as conn:  # the table as the previous release made it
+        conn.execute(text("ALTER TABLE model_metrics DROP COLUMN threshold"))
+    tracker.close()
+
+    upgraded = Tracker(tracker.url)
+    try:
+        assert upgraded.model_records("champion")[0].threshold == 0.5  # kept rows, no value
+        newer = {"logreg": {**_model("logreg", 0.98), "threshold": 0.12}}
+        upgraded.record_training("TrainModelsFlow/2", _run(), newer, "logreg")
+        assert upgraded.model_records("champion")[0].threshold == pytest.approx(0.12)
+        assert _count(upgraded, model_metrics) == 4
+    finally:
+        upgraded.close()
 
 
 def test_each_training_run_keeps_its_own_test_split(tmp_path, settings_for):

@@ -89,7 +89,12 @@ class ModelFiles:
         from batchscore.scoring import LoadedModel
 
         models = [
-            LoadedModel(r.model, load_model(blob, r.model_sha256, r.model_uri), r.model_sha256)
+            LoadedModel(
+                r.model,
+                load_model(blob, r.model_sha256, r.model_uri),
+                r.model_sha256,
+                threshold=r.threshold,
+            )
             for r, blob in zip(self.records, self.blobs, strict=True)
         ]
         return ModelBundle(self.training_run_id, models, self.feature_columns, self.classes)

@@ -1,7 +1,8 @@
 """Test-set metrics and the pictures that go with them (confusion matrices, ROC curves).
 
 Label 1 is the positive class throughout, so precision and recall mean the same thing
-for every model and every dataset.
+for every model and every dataset. Labels come from each model's recorded threshold,
+the same rule the published predictions use, so the test metrics describe them.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from batchscore.models import positive_proba  # noqa: E402
+from batchscore.models import labels_at, positive_proba  # noqa: E402
 
 METRIC_NAMES = ("precision", "recall", "f1", "roc_auc", "accuracy")
 
 
-def evaluate_model(estimator: Any, features: Any, labels: np.ndarray) -> dict[str, Any]:
-    """Metrics on held-out rows, plus the raw material for the figures."""
-    predicted = estimator.predict(features)
+def evaluate_model(
+    estimator: Any, features: Any, labels: np.ndarray, threshold: float = 0.5
+) -> dict[str, Any]:
+    """Metrics on held-out rows at the model's threshold, plus the figures' raw material."""
     proba = positive_proba(estimator, features)
+    predicted = labels_at(proba, threshold)
     return {
         "precision": float(precision_score(labels, predicted, pos_label=1, zero_division=0)),
         "recall": float(recall_score(labels, predicted, pos_label=1, zero_division=0)),
@@ -44,6 +47,7 @@ def evaluate_model(estimator: Any, features: Any, labels: np.ndarray) -> dict[st
         "roc_auc": float(roc_auc_score(labels, proba)),
         "accuracy": float(accuracy_score(labels, predicted)),
         "confusion": confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "threshold": float(threshold),
         "proba": proba,
     }
 

@@ -30,7 +30,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -69,6 +71,9 @@ model_metrics = Table(
     Column("model_uri", String(1000), nullable=False),
     Column("model_sha256", String(64), nullable=False),
     Column("is_champion", Boolean, nullable=False, default=False),
+    # Decision threshold on the positive-class probability, chosen by CV at training.
+    # Added after the first release: NULL in older rows, which labelled at 0.5.
+    Column("threshold", Float),
 )
 
 batch_runs = Table(
@@ -101,6 +106,7 @@ class ModelRecord:
     feature_columns: list[str]
     classes: tuple[str, str]  # (negative, positive): label 0 and label 1
     is_champion: bool
+    threshold: float = 0.5  # label 1 when the positive-class probability reaches it
 
 
 class Tracker:
@@ -112,6 +118,7 @@ class Tracker:
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
         with self._transaction() as conn:
             metadata.create_all(conn)
+            _add_missing_columns(conn)
 
     def record_training(
         self,
@@ -165,6 +172,7 @@ class Tracker:
                 feature_columns=list(run.feature_columns),
                 classes=(run.negative_class, run.positive_class),
                 is_champion=row.is_champion,
+                threshold=0.5 if row.threshold is None else row.threshold,
             )
             for row in rows
         ]
@@ -228,6 +236,21 @@ class Tracker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Bring a database made by an older release up to date: schema changes are only ever
+    new nullable columns, which `create_all` does not add to an existing table."""
+    inspector = inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(
+                    text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+                )
 
 
 def _make_sqlite_folder(url: str) -> None:

@@ -8,11 +8,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from batchscore.config import Settings
 from batchscore.data import Dataset, load_dataset
-from batchscore.evaluation import evaluate_model, figures
 from batchscore.models import TrainedModel, dump_model
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
@@ -47,6 +45,8 @@ def prepare_data(
     The split goes under the run's own path (`data/<run>/<dataset>.csv`), never shared:
     a later run, even one that fails, cannot change the data an earlier batch was scored on.
     """
+    from sklearn.model_selection import train_test_split  # here: every task imports this file
+
     dataset: Dataset = load_dataset(source, target, positive_class, settings)
     if not 0 < test_size < 1:
         raise ValueError(f"test_size must be between 0 and 1, not {test_size}")
@@ -90,8 +90,10 @@ def evaluate_all(
     trained: dict[str, TrainedModel], data: PreparedData
 ) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:
     """Every model on the test split: full results (for the card) and PNG figures."""
+    from batchscore.evaluation import evaluate_model, figures  # matplotlib: this step only
+
     results = {
-        name: evaluate_model(model.estimator, data.test_features, data.test_labels)
+        name: evaluate_model(model.estimator, data.test_features, data.test_labels, model.threshold)
         for name, model in trained.items()
     }
     return results, figures(results, data.test_labels, data.classes)
@@ -129,6 +131,7 @@ def save_training(
             **metrics[name],
             "cv_score": model.cv_score,
             "best_params": _jsonable(model.best_params),
+            "threshold": model.threshold,
             "model_uri": model_uris[name],
             "model_sha256": sha256,
         }
