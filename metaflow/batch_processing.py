@@ -10,8 +10,10 @@ Every step is a fresh process: each imports only what it uses, inside the step, 
 steps around the foreach cost little more than Metaflow's own start-up.
 """
 
+import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.config import Settings
 from batchscore.fail_fast import fail_fast
+from batchscore.preflight import require_services
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
@@ -57,11 +59,13 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def start(self):
-        """Name the version (sortable by start time); find the input and the recorded models."""
+        """Stop now if a service is unreachable; name the version (sortable by start time);
+        find the input and the recorded models."""
         from batchscore.batch import default_input, find_models
         from batchscore.online import new_version
 
         settings = Settings()
+        require_services(settings)
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"
         self.version = new_version(self.run_pathspec)
         self.input_uri = self.input_path or default_input(settings)

@@ -2,11 +2,12 @@
 
     python metaflow/train_models.py run
     python metaflow/train_models.py run --dataset my.csv --target label
-    python metaflow/train_models.py card view evaluate
+    python metaflow/train_models.py card get evaluate card.html   # the evaluation card, as HTML
 
 Every step is a few lines; the work lives in `src/batchscore`.
 """
 
+import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
 from batchscore.config import Settings
 from batchscore.fail_fast import fail_fast
 from batchscore.models import (
@@ -18,6 +19,7 @@ from batchscore.models import (
     choose_champion,
     train_model,
 )
+from batchscore.preflight import require_services
 from batchscore.report import card_components, print_mapping, print_metrics
 from batchscore.training import evaluate_all, prepare_data, save_training
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
@@ -50,9 +52,10 @@ class TrainModelsFlow(FlowSpec):
 
     @step
     def start(self):
-        """Say where data, metrics and models will go."""
+        """Say where data, metrics and models will go; stop now if a service is unreachable."""
         check_threshold_metric(self.threshold_metric)
         print_mapping("batchscore services", Settings().describe())
+        require_services(Settings())
         self.next(self.load_and_prepare_data)
 
     @retry(times=RETRIES)
@@ -135,6 +138,7 @@ class TrainModelsFlow(FlowSpec):
         print_metrics(self.metrics, self.cv_scores, self.champion)
         print_mapping("thresholds", self.thresholds)  # label 1: proba >= threshold
         print(f"champion: {self.champion} -> {self.model_uris[self.champion]}")
+        print(f"card: python metaflow/train_models.py card get {current.run_id}/evaluate card.html")
 
 
 if __name__ == "__main__":

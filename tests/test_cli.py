@@ -98,6 +98,9 @@ def test_status_shows_the_live_version(published, cli_env, tmp_path):
     assert "TrainModelsFlow/7" in result.stdout
     assert _row(result.stdout, "keys") == ["keys", "3"]
     assert _row(result.stdout, "model") == ["model", "svc"]
+    # ISO time, not an epoch number.
+    published_at = _row(result.stdout, "published_at")[1]
+    assert datetime.fromisoformat(published_at).tzinfo is not None, published_at
 
 
 def test_status_without_a_version(cli_env, tmp_path, redis_url):
@@ -115,6 +118,23 @@ def test_lookup_by_key_prints_the_prediction(published, cli_env, tmp_path):
     assert _row(result.stdout, keys[0]) == [keys[0], "1", "malignant", "0.9000", "svc"]
     assert _row(result.stdout, keys[1]) == [keys[1], "0", "benign", "0.1000", "svc"]
     assert "2 of 2 found" in result.stdout
+
+
+def test_lookup_header_names_the_class_proba_is_for(published, cli_env, tmp_path):
+    _, keys = published
+    result = _cli(["lookup", keys[0]], cli_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "proba (malignant)" in result.stdout
+
+
+def test_lookup_of_a_malformed_key_says_what_a_key_is(published, cli_env, tmp_path):
+    result = _cli(["lookup", "deadbeef"], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert "deadbeef: row keys are 64 hex characters" in result.stdout
+    # A well-formed key that is simply absent gets no such hint.
+    result = _cli(["lookup", "0" * 64], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert "64 hex characters" not in result.stdout
 
 
 def test_lookup_missing_key_exits_1(published, cli_env, tmp_path):
@@ -190,7 +210,8 @@ def test_unreachable_redis_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
     assert "s3cret-pw" not in result.stdout + result.stderr
     assert "error" in result.stdout
-    assert "127.0.0.1:1" in result.stdout
+    # One line naming the setting, the masked URL and the reason.
+    assert "BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:1/0): connection refused" in result.stdout
 
 
 def test_status_after_the_live_version_expired(redis_client, redis_prefix, cli_env, tmp_path):
@@ -265,3 +286,7 @@ def test_lookup_rows_of_an_id_keyed_version_by_id(redis_client, redis_prefix, cl
     assert _row(result.stdout, "007")[:3] == ["007", "1", "malignant"]
     assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
     assert "1 of 2 found" in result.stdout
+    # Ids are keys here: an absent one is not called malformed.
+    result = _cli(["lookup", "7"], cli_env, tmp_path)
+    assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
+    assert "64 hex characters" not in result.stdout

@@ -7,6 +7,7 @@ the same buckets, databases and ports wherever they are named.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -18,11 +19,13 @@ import jsonschema
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 COMPOSE_SCHEMA = Path(__file__).parent / "compose" / "compose-spec.json"
 ENV_EXAMPLE = ROOT / ".env.example"
+README = ROOT / "README.md"
 DOCKERIGNORE = ROOT / ".dockerignore"
 POSTGRES_INIT = ROOT / "dockerfiles" / "postgres" / "init.sh"
 RUNNER_DOCKERFILE = ROOT / "dockerfiles" / "runner.Dockerfile"
@@ -75,6 +78,32 @@ SERVICE_URLS = (
     ("METAFLOW_SERVICE_URL", "metaflow-metadata", 8080),
 )
 
+# Every published port: (service, container port, `.env` variable naming the host port).
+PUBLISHED_PORTS = {
+    ("minio", 9000): "MINIO_HOST_PORT",
+    ("minio", 9001): "MINIO_CONSOLE_HOST_PORT",
+    ("redis", 6379): "REDIS_HOST_PORT",
+    ("api", 8000): "API_PORT",
+    ("postgres", 5432): "POSTGRES_HOST_PORT",
+    ("metaflow-metadata", 8080): "METADATA_HOST_PORT",
+    ("metaflow-ui", 8083): "UI_HOST_PORT",
+    ("runner", 8888): "JUPYTER_HOST_PORT",
+}
+# "127.0.0.1:${NAME:-default}:container"
+PORT_MAPPING = re.compile(r"127\.0\.0\.1:\$\{([A-Z_]+):-(\d+)\}:(\d+)")
+
+# The images the stack pulls (Docker Hub stopped serving minio/*: quay.io has the same tags).
+IMAGES = {
+    "minio": "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z",
+    "minio-init": "quay.io/minio/mc:RELEASE.2025-08-13T08-35-41Z",
+    "redis": "redis:8.2.2-alpine",
+    "postgres": "postgres:17.6-alpine",
+    "api": "batchscore-runner:dev",
+    "metaflow-metadata": "netflixoss/metaflow_metadata_service:v2.5.0",
+    "metaflow-ui": "netflixoss/metaflow_metadata_service:v2.5.0",
+    "runner": "batchscore-runner:dev",
+}
+
 SECRET_NAME = re.compile(r"PASSWORD|PSWD|SECRET|TOKEN|AUTH")
 # ${VAR}, ${VAR:-default}, ${VAR:?error}; `$${...}` is an escaped dollar, left to the shell.
 INTERPOLATED_NAME = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
@@ -116,7 +145,8 @@ def strings(node) -> Iterator[str]:
 
 @cache
 def env_example() -> tuple[dict[str, str], frozenset[str]]:
-    """`.env.example` as (variables set, every variable documented incl. commented-out ones)."""
+    """`.env.example` as (variables set, every variable documented incl. commented-out ones),
+    values as written (`${VAR}` unexpanded)."""
     values: dict[str, str] = {}
     documented = set()
     for line in ENV_EXAMPLE.read_text().splitlines():
@@ -126,6 +156,13 @@ def env_example() -> tuple[dict[str, str], frozenset[str]]:
             if not commented:
                 values[name] = value
     return values, frozenset(documented)
+
+
+@cache
+def env_example_expanded() -> dict[str, str]:
+    """`.env.example` as Compose and python-dotenv read it: `${VAR}` expanded from the lines
+    above (the file's own values win over the test process's environment)."""
+    return {k: v or "" for k, v in dotenv_values(ENV_EXAMPLE, interpolate=True).items()}
 
 
 def command_text(service: str) -> str:
@@ -160,6 +197,31 @@ def test_every_image_is_pinned_to_a_tag():
     for name, service in services().items():
         assert "image" in service, f"{name}: name its image (with a tag), even when built"
         assert is_pinned(service["image"]), f"{name}: {service['image']} is not pinned"
+
+
+def test_images_are_the_ones_that_can_be_pulled():
+    assert {name: service["image"] for name, service in services().items()} == IMAGES
+    for text in strings(compose()):
+        # Docker Hub answers "pull access denied" for these, and this UI tag was never found.
+        assert not re.match(r"(docker\.io/)?minio/", text), text
+        assert "metaflow_ui" not in text and "outerbounds" not in text, text
+
+
+def test_minio_images_keep_their_release_tags_on_quay():
+    for service, repository in (("minio", "minio"), ("minio-init", "mc")):
+        image = services()[service]["image"]
+        assert image.startswith(f"quay.io/minio/{repository}:RELEASE."), image
+
+
+def test_metaflow_ui_is_served_by_the_metadata_service_image():
+    ui = services()["metaflow-ui"]
+    assert ui["image"] == services()["metaflow-metadata"]["image"]
+    assert "services.ui_backend_service.ui_server" in command_text("metaflow-ui")
+    env = environment("metaflow-ui")
+    assert env["UI_ENABLED"] == "1"
+    assert env.get("PATH_PREFIX", "") == ""  # UI and API on one origin, at /
+    assert env["MF_UI_METADATA_PORT"] == "8083"
+    assert "8083/ping" in " ".join(ui["healthcheck"]["test"])
 
 
 def test_every_long_running_service_has_a_healthcheck():
@@ -230,7 +292,7 @@ def test_no_literal_secret_in_compose_file():
 
 def test_buckets_agree():
     created = set(re.findall(r"\blocal/([a-z0-9][a-z0-9.-]*)", command_text("minio-init")))
-    values, _ = env_example()
+    values = env_example_expanded()
     runner = environment("runner")
     for variable, bucket in [
         ("BATCHSCORE_STORE_URL", "batch"),
@@ -240,7 +302,7 @@ def test_buckets_agree():
         assert urlsplit(runner[variable]).netloc == bucket, variable
         assert values[variable] == runner[variable], variable
     sysroot = runner["METAFLOW_DATASTORE_SYSROOT_S3"]
-    assert environment("metaflow-ui-backend")["METAFLOW_DATASTORE_SYSROOT_S3"] == sysroot
+    assert environment("metaflow-ui")["METAFLOW_DATASTORE_SYSROOT_S3"] == sysroot
 
 
 def test_database_names_and_roles_agree():
@@ -249,7 +311,7 @@ def test_database_names_and_roles_agree():
     roles = set(re.findall(r"CREATE ROLE (\w+)", init))
     assert databases == {"batchscore", "metaflow"}
 
-    values, _ = env_example()
+    values = env_example_expanded()
     runner_url = urlsplit(environment("runner")["BATCHSCORE_DATABASE_URL"])
     host_url = urlsplit(values["BATCHSCORE_DATABASE_URL"])
     for url in (runner_url, host_url):
@@ -259,7 +321,7 @@ def test_database_names_and_roles_agree():
     metadata = environment("metaflow-metadata")
     assert metadata["MF_METADATA_DB_NAME"] == "metaflow"
     assert metadata["MF_METADATA_DB_USER"] in roles
-    assert environment("metaflow-ui-backend")["MF_METADATA_DB_NAME"] == "metaflow"
+    assert environment("metaflow-ui")["MF_METADATA_DB_NAME"] == "metaflow"
 
 
 def test_postgres_service_passes_the_passwords_its_init_script_reads():
@@ -273,16 +335,45 @@ def test_postgres_service_passes_the_passwords_its_init_script_reads():
 
 @pytest.mark.parametrize(("variable", "service", "port"), SERVICE_URLS)
 def test_ports_agree(variable, service, port):
-    published = services()[service]["ports"]
-    assert any(str(p).endswith(f"{port}:{port}") for p in published), f"{service} {published}"
-
     in_network = urlsplit(environment("runner")[variable])
     assert (in_network.hostname, in_network.port) == (service, port)
 
+    # From the host: the published port, by default the same number, and following its
+    # variable when a user moves it.
+    host_port = PUBLISHED_PORTS[(service, port)]
     values, documented = env_example()
     assert variable in documented
-    from_host = urlsplit(values[variable])
+    assert f"${{{host_port}}}" in values[variable] or values[variable].startswith("${")
+    from_host = urlsplit(env_example_expanded()[variable])
     assert (from_host.hostname, from_host.port) == ("localhost", port)
+    moved = dotenv_values(
+        stream=io.StringIO(
+            ENV_EXAMPLE.read_text().replace(f"{host_port}={port}", f"{host_port}=1{port}")
+        )
+    )
+    assert urlsplit(moved[variable]).port == int(f"1{port}")
+
+
+def test_every_published_port_is_a_env_variable_with_todays_default():
+    values, _ = env_example()
+    found = {}
+    for name, service in services().items():
+        for mapping in service.get("ports", []):
+            match = PORT_MAPPING.fullmatch(str(mapping))
+            assert match, f"{name}: {mapping} is not 127.0.0.1:${{NAME:-default}}:port"
+            variable, default, container = match.groups()
+            found[(name, int(container))] = variable
+            assert default == container, f"{name}: today's default is the same port number"
+            assert values[variable] == default, f".env.example: {variable}={values[variable]}"
+    assert found == PUBLISHED_PORTS
+
+
+def test_readme_ports_table_lists_every_published_port():
+    readme = README.read_text()
+    for (_, port), variable in PUBLISHED_PORTS.items():
+        assert f"localhost:{port}" in readme, port
+        assert variable in readme, variable
+    assert "localhost:3000" not in readme  # the separate UI image is gone
 
 
 # ---- .env.example ------------------------------------------------------------------------
@@ -307,11 +398,25 @@ def test_env_example_holds_placeholders_that_agree():
     values, _ = env_example()
     for name in COMPOSE_CREDENTIALS:
         assert values[name].startswith("change-me"), name
-    assert values["AWS_ACCESS_KEY_ID"] == values["MINIO_ROOT_USER"]
-    assert values["AWS_SECRET_ACCESS_KEY"] == values["MINIO_ROOT_PASSWORD"]
-    assert urlsplit(values["BATCHSCORE_REDIS_URL"]).password == values["REDIS_PASSWORD"]
-    database_password = urlsplit(values["BATCHSCORE_DATABASE_URL"]).password
+    expanded = env_example_expanded()
+    assert expanded["AWS_ACCESS_KEY_ID"] == values["MINIO_ROOT_USER"]
+    assert expanded["AWS_SECRET_ACCESS_KEY"] == values["MINIO_ROOT_PASSWORD"]
+    assert urlsplit(expanded["BATCHSCORE_REDIS_URL"]).password == values["REDIS_PASSWORD"]
+    database_password = urlsplit(expanded["BATCHSCORE_DATABASE_URL"]).password
     assert database_password == values["BATCHSCORE_DB_PASSWORD"]
+
+
+def test_env_example_writes_each_secret_once():
+    """The copies are derived with ${VAR}, so a changed password cannot drift from them."""
+    text = ENV_EXAMPLE.read_text()
+    values, _ = env_example()
+    for name in COMPOSE_CREDENTIALS:
+        written = re.findall(rf"(?<![\w-]){re.escape(values[name])}(?![\w-])", text)
+        assert len(written) == 1, f"{name}'s value is written {len(written)} times"
+    assert values["AWS_ACCESS_KEY_ID"] == "${MINIO_ROOT_USER}"
+    assert values["AWS_SECRET_ACCESS_KEY"] == "${MINIO_ROOT_PASSWORD}"
+    assert "${REDIS_PASSWORD}" in values["BATCHSCORE_REDIS_URL"]
+    assert "${BATCHSCORE_DB_PASSWORD}" in values["BATCHSCORE_DATABASE_URL"]
 
 
 def test_runner_credentials_come_from_the_same_variables():
@@ -347,7 +452,11 @@ def test_dockerfile_is_pinned_installs_requirements_and_drops_root(dockerfile):
     copies = " ".join(instructions(dockerfile, "COPY"))
     runs = instructions(dockerfile, "RUN")
     assert "requirements.txt" in copies
-    assert any(re.search(r"pip install .*-r requirements\.txt", run) for run in runs)
+    # The dependencies of requirements.txt (its `-e .` line needs the source, installed later).
+    assert any(
+        re.search(r"requirements\.txt", run) and re.search(r"pip install .*-r ", run)
+        for run in runs
+    )
 
     users = instructions(dockerfile, "USER")
     assert users, "no USER instruction: the image would run as root"
@@ -357,10 +466,27 @@ def test_dockerfile_is_pinned_installs_requirements_and_drops_root(dockerfile):
 def test_runner_image_serves_the_notebooks_with_jupyter():
     cmd = " ".join(instructions(RUNNER_DOCKERFILE, "CMD"))
     assert "jupyter" in cmd and "0.0.0.0" in cmd and "8888" in cmd and "/app/notebooks" in cmd
-    assert any(str(p).endswith("8888:8888") for p in services()["runner"]["ports"])
+    assert any(str(p).endswith(":8888") for p in services()["runner"]["ports"])
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out_of_images():
     patterns = {line.strip().removeprefix("**/") for line in DOCKERIGNORE.read_text().splitlines()}
     for path in (".env", ".venv", ".git", ".batchscore", ".metaflow", "__pycache__"):
         assert path in patterns, path
+
+
+def test_shell_export_of_env_example_derives_the_same_values():
+    """The Makefile and the README export `.env` with `set -a; . ./.env`: the shell must
+    expand every ${VAR} as python-dotenv (and Compose) do."""
+    import subprocess
+
+    shell = subprocess.run(
+        ["sh", "-c", 'set -a; . "$0"; set +a; env -0', str(ENV_EXAMPLE)],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    exported = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
+    for name, value in env_example_expanded().items():
+        assert exported.get(name, "") == value, name

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.config import Settings
+from batchscore.config import Settings, mask_url, project_root
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_resolve_under_an_absolute_home(settings_for, tmp_path, monkeypatch):
@@ -115,9 +117,12 @@ def test_settings_are_frozen(settings_for):
 @pytest.mark.parametrize(
     ("redis_url", "shown"),
     [
-        ("redis://:s3cret-pw@redis.example:6379/0", "redis://***@redis.example:6379/0"),
-        ("rediss://user:s3cret-pw@redis.example:6380/1", "rediss://***@redis.example:6380/1"),
-        ("redis://redis.example:6379/0?password=s3cret-pw", None),
+        ("redis://:s3cret-pw@redis.example:6379/0", "redis://:***@redis.example:6379/0"),
+        ("rediss://user:s3cret-pw@redis.example:6380/1", "rediss://user:***@redis.example:6380/1"),
+        (
+            "redis://redis.example:6379/0?password=s3cret-pw",
+            "redis://redis.example:6379/0?password=***",
+        ),
     ],
 )
 def test_describe_masks_passwords(settings_for, tmp_path, redis_url, shown):
@@ -150,8 +155,6 @@ def test_describe_embedded(settings_for, tmp_path):
 def test_embedded_defaults_are_refused_inside_a_kubernetes_pod(monkeypatch):
     from pydantic import ValidationError
 
-    from batchscore.config import Settings
-
     monkeypatch.setenv("METAFLOW_KUBERNETES_WORKLOAD", "1")
     monkeypatch.setenv("BATCHSCORE_STORE_URL", "s3://batch")
     with pytest.raises(ValidationError, match="BATCHSCORE_DATABASE_URL, BATCHSCORE_REDIS_URL"):
@@ -159,3 +162,72 @@ def test_embedded_defaults_are_refused_inside_a_kubernetes_pod(monkeypatch):
     monkeypatch.setenv("BATCHSCORE_DATABASE_URL", "postgresql+psycopg2://u@db/x")
     monkeypatch.setenv("BATCHSCORE_REDIS_URL", "redis://r:6379/0")
     assert Settings(_env_file=None).redis_url == "redis://r:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6999/0", "redis://127.0.0.1:6999/0"),
+        ("redis://:pw@127.0.0.1:6999/0", "redis://:***@127.0.0.1:6999/0"),
+        # An empty password is still shown as ***: the reader cannot tell it was empty.
+        ("redis://user:@h:1/0", "redis://user:***@h:1/0"),
+        ("redis://user@h:1/0", "redis://user@h:1/0"),
+        ("postgresql+psycopg2://u:p%40ss@db:5432/x", "postgresql+psycopg2://u:***@db:5432/x"),
+        ("redis://h/0?db=1&password=pw", "redis://h/0?db=1&password=***"),
+    ],
+)
+def test_mask_url(url, shown):
+    assert mask_url(url) == shown
+
+
+def make_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    return project
+
+
+def test_project_root_is_found_from_a_sub_folder(tmp_path):
+    project = make_project(tmp_path)
+    assert project_root(project / "notebooks") == project.resolve()
+    assert project_root(project) == project.resolve()
+    # Outside any project: the folder itself.
+    (tmp_path / "elsewhere").mkdir()
+    assert project_root(tmp_path / "elsewhere") == (tmp_path / "elsewhere").resolve()
+
+
+def test_notebooks_folder_gets_the_projects_home_and_env(tmp_path, monkeypatch):
+    # Jupyter runs the kernel in notebooks/: the default home and .env are the project's.
+    project = make_project(tmp_path)
+    monkeypatch.chdir(project / "notebooks")
+    assert Settings().home == (project / ".batchscore").resolve()
+    (project / ".env").write_text("BATCHSCORE_REDIS_PREFIX=fromproject\nBATCHSCORE_HOME=./h\n")
+    settings = Settings()
+    assert settings.redis_prefix == "fromproject"
+    # A relative BATCHSCORE_HOME is relative to the project, not to notebooks/.
+    assert settings.home == (project / "h").resolve()
+    assert settings.embedded_redis_path == (project / "h" / "redis.db").resolve()
+
+
+def test_env_example_derives_every_copy_of_a_secret(tmp_path, monkeypatch):
+    """Settings read from .env.example get the values ${VAR} interpolation derives: each
+    secret and port is written once (Compose interpolates the same file the same way)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    project = make_project(tmp_path)
+    text = (ROOT / ".env.example").read_text()
+    text = text.replace("change-me-minio-secret", "minio-pw-1")
+    text = text.replace("change-me-minio", "minio-user-1")
+    text = text.replace("change-me-redis", "redis-pw-1").replace("change-me-batchscore-db", "db-1")
+    text = text.replace("REDIS_HOST_PORT=6379", "REDIS_HOST_PORT=6380")
+    (project / ".env").write_text(text)
+    monkeypatch.chdir(project / "notebooks")
+    settings = Settings()
+    assert settings.aws_access_key_id == "minio-user-1"
+    assert settings.aws_secret_access_key == "minio-pw-1"
+    assert settings.s3_endpoint_url == "http://localhost:9000"
+    assert settings.redis_url == "redis://:redis-pw-1@localhost:6380/0"
+    assert (
+        settings.database_url == "postgresql+psycopg2://batchscore:db-1@localhost:5432/batchscore"
+    )
+    assert settings.home == (project / ".batchscore").resolve()

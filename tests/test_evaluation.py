@@ -85,10 +85,42 @@ def test_figures_are_pngs_for_every_model_and_roc():
         "svc": evaluate_model(_threshold_model(bias=1.5), X, Y),
     }
     pngs = figures(results, Y, ("benign", "malignant"))
-    assert set(pngs) == {"confusion_tree.png", "confusion_svc.png", "roc.png"}
+    assert set(pngs) == {
+        "confusion_tree.png",
+        "confusion_svc.png",
+        "confusion_matrices.png",
+        "roc.png",
+    }
     for name, data in pngs.items():
         assert data.startswith(PNG_SIGNATURE), name
         assert len(data) > 1000, name
+
+
+def test_roc_chart_names_the_positive_class_and_gives_the_tables_precision():
+    from batchscore.evaluation import roc_figure
+
+    results = {
+        "tree": evaluate_model(_threshold_model(), X, Y),
+        "svc": evaluate_model(_threshold_model(bias=1.5), X, Y),
+    }
+    ax = roc_figure(results, Y, ("benign", "malignant")).axes[0]
+    assert ax.get_xlabel() == "False positive rate (positive class: malignant)"
+    assert ax.get_ylabel() == "True positive rate (positive class: malignant)"
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == [f"{n} (AUC = {results[n]['roc_auc']:.4f})" for n in ("tree", "svc")]
+    assert legend[0] == "tree (AUC = 0.5000)"
+
+
+def test_confusion_matrices_share_one_grid():
+    from batchscore.evaluation import confusion_grid_figure
+
+    results = {f"m{i}": evaluate_model(_threshold_model(), X, Y) for i in range(5)}
+    fig = confusion_grid_figure(results, ("benign", "malignant"))
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == list(results)
+    # Two rows of three, not a column of five: at most twice one matrix's height.
+    width, height = fig.get_size_inches()
+    assert width > height and height <= 2 * 3.1
 
 
 def test_metrics_are_at_the_models_threshold():

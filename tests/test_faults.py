@@ -203,6 +203,25 @@ def run_flow(flow_file: str, env: dict[str, str], cwd: Path, method: str = "run"
         return running.status, running.run, running.stdout + running.stderr
 
 
+def cut_when_step_starts(proxy: TcpProxy, flow: str, step: str) -> None:
+    """Cut the proxy as soon as a new run of `flow` starts `step` (in this session's local
+    Metaflow datastore): an outage in the middle of a run."""
+    import os
+
+    runs = Path(os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"]) / ".metaflow" / flow
+    before = set(runs.glob(f"*/{step}"))
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if set(runs.glob(f"*/{step}")) - before:
+                proxy.cut()
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 @pytest.fixture
 def postgres_proxy(postgres_url: str):
     url = make_url(postgres_url)
@@ -218,7 +237,8 @@ def test_postgres_down_at_store_results_then_resume(
 ):
     proxy, url = postgres_proxy
     env = {**embedded_env, "BATCHSCORE_DATABASE_URL": url, "BATCHSCORE_STEP_RETRIES": "0"}
-    proxy.cut()
+    # Down after `start` checked it (a database down from the outset stops `start`, below).
+    cut_when_step_starts(proxy, "TrainModelsFlow", "train_model")
     status, run, output = run_flow("train_models.py", env, tmp_path / "w", cv_folds=2)
     assert status == "failed"
     assert "TrackingError: database error at postgresql" in output
@@ -235,11 +255,14 @@ def test_postgres_down_at_store_results_then_resume(
         assert conn.execute(select(func.count()).select_from(model_metrics)).scalar() == 5
     engine.dispose()
 
-    # The same outage at the batch flow's model lookup, then resume.
+    # Down before the batch flow starts: `start` stops it with one line; then resume.
     proxy.cut()
     status, run, output = run_flow("batch_processing.py", env, tmp_path / "w")
     assert status == "failed"
-    assert "TrackingError: database error at postgresql" in output
+    masked = make_url(url).render_as_string(hide_password=True)
+    # (The proxy accepts, then drops the connection: not a refusal.)
+    assert f"BATCHSCORE_DATABASE_URL ({masked}): the server closed the connection" in output
+    assert [step.id for step in run] == ["start"]
     proxy.restore()
     status, resumed, output = run_flow(
         "batch_processing.py", env, tmp_path / "w", method="resume", origin_run_id=run.id

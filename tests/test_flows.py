@@ -4,6 +4,7 @@ then the notebook executed against what they published."""
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,10 @@ def check_training(run, settings) -> None:
     store = ObjectStore.from_settings(settings)
     for uri in data.model_uris.values():
         assert store.exists(uri)
-    assert set(data.plot_uris) == {f"confusion_{m}.png" for m in MODEL_NAMES} | {"roc.png"}
+    assert set(data.plot_uris) == {f"confusion_{m}.png" for m in MODEL_NAMES} | {
+        "confusion_matrices.png",
+        "roc.png",
+    }
     for uri in data.plot_uris.values():
         assert store.get_bytes(uri).startswith(b"\x89PNG")
     # The test split lives under the run's own path: no later run can overwrite it.
@@ -85,14 +89,31 @@ def check_batch(run, settings) -> None:
 
 
 @pytest.fixture
+def project(tmp_path: Path):
+    """A project folder as a user has it: pyproject.toml on top, the notebook in notebooks/.
+    The flows run from the top, the notebook from notebooks/ (as Jupyter runs it)."""
+    from batchscore.embedded_redis import stop_server
+
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    shutil.copy(ROOT / "pyproject.toml", project)
+    shutil.copy(ROOT / "notebooks" / "predictions.ipynb", project / "notebooks")
+    yield project
+    for home in (project / ".batchscore", project / "notebooks" / ".batchscore"):
+        stop_server(home / "redis.db")
+
+
+@pytest.fixture
 def notebook_runner():
-    def execute(env: dict[str, str], cwd: Path) -> None:
+    def execute(env: dict[str, str], project: Path) -> None:
+        """Run the notebook as `jupyter nbconvert --execute` does: kernel in notebooks/."""
         import os
 
         import nbformat
         from nbclient import NotebookClient
 
-        notebook = nbformat.read(ROOT / "notebooks" / "predictions.ipynb", as_version=4)
+        notebooks = project / "notebooks"
+        notebook = nbformat.read(notebooks / "predictions.ipynb", as_version=4)
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -100,7 +121,7 @@ def notebook_runner():
                 notebook,
                 timeout=300,
                 kernel_name="python3",
-                resources={"metadata": {"path": str(cwd)}},
+                resources={"metadata": {"path": str(notebooks)}},
             ).execute()
         finally:
             for key, value in previous.items():
@@ -112,26 +133,30 @@ def notebook_runner():
             o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])
         )
         assert "hit rate: 100.0%" in outputs, outputs[-2000:]
+        # The project's home was used: no second home (and embedded Redis) in notebooks/.
+        assert not (notebooks / ".batchscore").exists()
 
     return execute
 
 
-def test_embedded_mode_end_to_end(embedded_env, tmp_path, settings_for, notebook_runner):
-    settings = settings_for(embedded_env)
-    train = run_flow("train_models.py", embedded_env, tmp_path / "work", cv_folds=3)
+def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
+    # Nothing configured: everything lands in the project's default ./.batchscore.
+    env = {"METAFLOW_DEFAULT_DATASTORE": "local"}
+    settings = settings_for({"BATCHSCORE_HOME": str(project / ".batchscore")})
+    train = run_flow("train_models.py", env, project, cv_folds=3)
     check_training(train, settings)
-    batch = run_flow("batch_processing.py", embedded_env, tmp_path / "work", shard_rows=50)
+    batch = run_flow("batch_processing.py", env, project, shard_rows=50)
     check_batch(batch, settings)
     assert len(list(batch["batch_processing"])) == 3  # 114 rows in shards of 50
-    notebook_runner(embedded_env, tmp_path / "work")
+    notebook_runner(env, project)
 
     # At its defaults the flow sizes itself from the cores: one shard per core (Metaflow's
     # --max-workers 16 never starts more), each task capped to cores / tasks threads.
     rows = read_csv(ObjectStore.from_settings(settings), train.data.data.batch_input_uri)
-    parquet = tmp_path / "rows.parquet"
+    parquet = project / "rows.parquet"
     rows.to_parquet(parquet)
-    env = {k: v for k, v in embedded_env.items() if k != "BATCHSCORE_SCORING_THREADS"}
-    batch = run_flow("batch_processing.py", env, tmp_path / "work", input_path=str(parquet))
+    env = {k: v for k, v in env.items() if k != "BATCHSCORE_SCORING_THREADS"}
+    batch = run_flow("batch_processing.py", env, project, input_path=str(parquet))
     tasks = list(batch["batch_processing"])
     cores = machine_cores()
     assert len(tasks) == min(cores, len(rows))
@@ -140,9 +165,14 @@ def test_embedded_mode_end_to_end(embedded_env, tmp_path, settings_for, notebook
 
 
 @pytest.mark.services
-def test_service_mode_end_to_end(service_env, tmp_path, settings_for, notebook_runner):
+def test_service_mode_end_to_end(service_env, project, settings_for, notebook_runner):
     settings = settings_for(service_env)
-    train = run_flow("train_models.py", service_env, tmp_path / "work", cv_folds=3)
+    # The services come from the project's .env, as on the Compose path; Metaflow's own
+    # variables from the environment (Metaflow never reads .env).
+    in_dotenv = {k: v for k, v in service_env.items() if not k.startswith("METAFLOW_")}
+    (project / ".env").write_text("".join(f"{k}={v}\n" for k, v in in_dotenv.items()))
+    env = {k: v for k, v in service_env.items() if k.startswith("METAFLOW_")}
+    train = run_flow("train_models.py", env, project, cv_folds=3)
     check_training(train, settings)
     assert train.data.model_uris[train.data.champion].startswith(settings.resolved_store_url)
 
@@ -190,7 +220,7 @@ def test_service_mode_end_to_end(service_env, tmp_path, settings_for, notebook_r
         assert conn.execute(select(func.count()).select_from(model_metrics)).scalar() == 5
         assert conn.execute(select(func.count()).select_from(training_runs)).scalar() == 1
 
-    batch = run_flow("batch_processing.py", service_env, tmp_path / "work", models="all")
+    batch = run_flow("batch_processing.py", env, project, models="all")
     check_batch(batch, settings)
     online = OnlineStore.from_settings(settings)
     sample = online.get_many(row_keys(np.asarray(train.data.data.test_features)[:3]))
@@ -200,4 +230,4 @@ def test_service_mode_end_to_end(service_env, tmp_path, settings_for, notebook_r
         assert record.redis_version == batch.data.version
         assert record.published and record.keys_written == batch.data.keys_written
     engine.dispose()
-    notebook_runner(service_env, tmp_path / "work")
+    notebook_runner(env, project)

@@ -166,3 +166,37 @@ def test_concurrent_writers_of_one_key(local_store, tmp_path):
         "shared.bin",
         "shared2.bin",
     ]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_local_store_files_follow_the_umask(tmp_path, umask, mode):
+    """Not mkstemp's 0600: a container running as another user must read the store."""
+    import os
+    import stat
+
+    store = LocalStore((tmp_path / "store").as_uri())
+    previous = os.umask(umask)
+    try:
+        store.put_bytes("models/a.joblib", b"model")
+        store.put_stream("data/b.csv", lambda out: out.write(b"x\n"))
+    finally:
+        os.umask(previous)
+    for key in ("models/a.joblib", "data/b.csv"):
+        assert stat.S_IMODE((tmp_path / "store" / key).stat().st_mode) == mode, key
+    # No temporary file left beside them.
+    assert sorted(p.name for p in (tmp_path / "store").rglob("*") if p.is_file()) == [
+        "a.joblib",
+        "b.csv",
+    ]
+
+
+def test_failed_local_write_leaves_no_temporary_file(tmp_path):
+    store = LocalStore((tmp_path / "store").as_uri())
+
+    def fail(out):
+        out.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        store.put_stream("data/c.csv", fail)
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]

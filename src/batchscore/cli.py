@@ -14,18 +14,24 @@ python -m batchscore serve --port 8000          # the HTTP prediction service (b
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 from datetime import UTC, datetime
 
 from redis.exceptions import RedisError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchscore.config import Settings
 from batchscore.data import InputError, iter_frames
 from batchscore.embedded_redis import stop_server
 from batchscore.online import OnlineStore, PublishError
+from batchscore.preflight import redis_error
 from batchscore.tracking import TrackingError
+
+ROW_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(online, console)
         return _lookup(online, args, settings, console)
-    except (InputError, LookupError, RedisError, PublishError, TrackingError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except (InputError, LookupError, PublishError, TrackingError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return 2
+    except RedisError as exc:
+        # Name the setting to fix, password masked: BATCHSCORE_REDIS_URL (...): connection refused
+        console.print(f"[red]error:[/red] {escape(redis_error(settings, exc))}", highlight=False)
         return 2
 
 
@@ -148,8 +158,11 @@ def _lookup(
                 keys = keys[: args.limit]
                 break
     predictions = online.get_many(keys)
-    table = Table(title=f"predictions ({online.current()})")
-    for column in ("row key", "label", "class", "proba", "model"):
+    version = online.current()
+    table = Table(title=f"predictions ({version})")
+    positive = _positive_class(online, version)
+    proba = f"proba ({positive})" if positive else "proba (positive class)"
+    for column in ("row key", "label", "class", proba, "model"):
         table.add_column(column)
     for key, prediction in zip(keys, predictions, strict=True):
         if prediction is None:
@@ -165,7 +178,31 @@ def _lookup(
     console.print(table)
     found = sum(p is not None for p in predictions)
     console.print(f"{found} of {len(keys)} found")
+    malformed = [
+        k for k, p in zip(keys, predictions, strict=True) if p is None and not ROW_KEY.fullmatch(k)
+    ]
+    # Keys of a feature-hash version are SHA-256 hex; an id-keyed version takes any id.
+    if malformed and not args.csv and version and online.key_scheme(version)[0] != "id":
+        console.print(
+            f"{', '.join(malformed[:3])}: row keys are 64 hex characters (the SHA-256 of a "
+            "row's feature values); to look rows up from their values use --csv",
+            highlight=False,
+        )
     return 0 if found == len(keys) else 1
+
+
+def _manifest_field(online: OnlineStore, version: str | None, name: str) -> str | None:
+    raw = online.client.hget(online.manifest(version), name) if version else None
+    return raw.decode() if raw is not None else None
+
+
+def _positive_class(online: OnlineStore, version: str | None) -> str | None:
+    """The class `proba` is the probability of: label 1, the second of the version's classes."""
+    classes = _manifest_field(online, version, "classes")
+    try:
+        return str(json.loads(classes)[1]) if classes else None
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------- serve

@@ -2,6 +2,10 @@
 
 Every variable is optional: unset, each service falls back to an embedded default under
 `BATCHSCORE_HOME`, so the same commands run with no services at all.
+
+`.env` and a relative `BATCHSCORE_HOME` belong to the project, not to the working directory:
+Jupyter runs a notebook's kernel in `notebooks/`, a shell may sit in any sub-folder, and all
+of them must find the same `.env` and the same embedded home (see `project_root`).
 """
 
 from __future__ import annotations
@@ -10,9 +14,38 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What marks the project's folder, as `.metaflow` marks Metaflow's local datastore.
+PROJECT_MARKERS = ("pyproject.toml", ".git", ".env")
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder, from `start` (the working directory) up, that holds
+    pyproject.toml, .git or .env; `start` itself when none does (an installed package
+    used from any folder)."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if any((folder / marker).exists() for marker in PROJECT_MARKERS):
+            return folder
+    return start
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, shown as `***`: safe to print or log."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else netloc
+    # redis-py also takes the password as a query parameter: ?password=...
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class Settings(BaseSettings):
@@ -22,11 +55,16 @@ class Settings(BaseSettings):
     # (an empty BATCHSCORE_HOME would otherwise put everything in the current folder).
     model_config = SettingsConfigDict(
         env_prefix="BATCHSCORE_",
-        env_file=".env",
         env_ignore_empty=True,
         extra="ignore",
         frozen=True,
     )
+
+    def __init__(self, **values: Any) -> None:
+        # `.env` of the project, wherever inside it the process runs; `_env_file=None`
+        # (the tests) reads none. python-dotenv expands ${VAR} in it, as Compose does.
+        values.setdefault("_env_file", project_root() / ".env")
+        super().__init__(**values)
 
     home: Path = Path(".batchscore")
     store_url: str | None = None
@@ -53,8 +91,10 @@ class Settings(BaseSettings):
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
-        # Metaflow runs each step in its own process, possibly from another folder.
-        return home.expanduser().resolve()
+        # Relative to the project, not the working directory: a notebook in notebooks/
+        # must reach the home `make run` filled. Absolute, since Metaflow runs each step in
+        # its own process, possibly from another folder.
+        return (project_root() / home.expanduser()).resolve()
 
     @field_validator("store_url", "database_url", "redis_url", "id_column", "s3_endpoint_url")
     @classmethod
@@ -94,15 +134,10 @@ class Settings(BaseSettings):
         """Where each service lives, credentials masked: safe to print or log."""
         from sqlalchemy.engine import make_url
 
-        redis = self.redis_url or f"embedded ({self.embedded_redis_path})"
-        if self.redis_url and "@" in self.redis_url:
-            scheme, rest = self.redis_url.split("://", 1)
-            redis = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-        # redis-py also takes the password as a query parameter: ?password=...
-        redis = re.sub(r"([?&]password=)[^&#]*", r"\1***", redis)
+        redis = mask_url(self.redis_url) if self.redis_url else None
         return {
             "store": self.resolved_store_url,
             "database": make_url(self.resolved_database_url).render_as_string(hide_password=True),
-            "redis": redis,
+            "redis": redis or f"embedded ({self.embedded_redis_path})",
             "redis prefix": self.redis_prefix,
         }

@@ -20,13 +20,13 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
-    RocCurveDisplay,
     accuracy_score,
     confusion_matrix,
     f1_score,
     precision_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 
 from batchscore.models import labels_at, positive_proba  # noqa: E402
@@ -57,23 +57,56 @@ def metrics_only(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
     return {name: {m: r[m] for m in METRIC_NAMES} for name, r in results.items()}
 
 
-def confusion_figure(name: str, confusion: list[list[int]], classes: tuple[str, str]) -> Figure:
-    fig, ax = plt.subplots(figsize=(4, 3.5))
+GRID_COLUMNS = 3  # confusion matrices per row on the card: five models fit in two rows
+
+
+def _plot_confusion(ax: Any, name: str, confusion: list[list[int]], classes: tuple[str, str]):
     ConfusionMatrixDisplay(np.asarray(confusion), display_labels=list(classes)).plot(
         ax=ax, colorbar=False
     )
+    ax.set_title(name)
+
+
+def confusion_figure(name: str, confusion: list[list[int]], classes: tuple[str, str]) -> Figure:
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    _plot_confusion(ax, name, confusion, classes)
     ax.set_title(f"{name}: confusion matrix")
     fig.tight_layout()
     return fig
 
 
-def roc_figure(results: Mapping[str, Mapping[str, Any]], labels: np.ndarray) -> Figure:
+def confusion_grid_figure(
+    results: Mapping[str, Mapping[str, Any]], classes: tuple[str, str]
+) -> Figure:
+    """Every model's confusion matrix side by side: one picture for the card, not a
+    column of five."""
+    rows = -(-len(results) // GRID_COLUMNS)
+    columns = min(len(results), GRID_COLUMNS)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.1 * rows), squeeze=False)
+    for ax, (name, result) in zip(axes.flat, results.items(), strict=False):
+        _plot_confusion(ax, name, result["confusion"], classes)
+    for ax in list(axes.flat)[len(results) :]:
+        ax.set_visible(False)
+    fig.suptitle("Confusion matrices on the test split")
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(
+    results: Mapping[str, Mapping[str, Any]], labels: np.ndarray, classes: tuple[str, str]
+) -> Figure:
+    """ROC curves of every model; axes name the positive class, the legend gives each
+    model's ROC AUC with the metrics table's four decimals."""
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, result in results.items():
-        RocCurveDisplay.from_predictions(
-            labels, result["proba"], name=f"{name}", ax=ax, pos_label=1, plot_chance_level=False
-        )
+        fpr, tpr, _ = roc_curve(labels, result["proba"], pos_label=1)
+        ax.plot(fpr, tpr, label=f"{name} (AUC = {result['roc_auc']:.4f})")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    ax.set_xlabel(f"False positive rate (positive class: {classes[1]})")
+    ax.set_ylabel(f"True positive rate (positive class: {classes[1]})")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(loc="lower right")
     ax.set_title("ROC curves on the test split")
     fig.tight_layout()
     return fig
@@ -89,10 +122,12 @@ def png_bytes(fig: Figure) -> bytes:
 def figures(
     results: Mapping[str, Mapping[str, Any]], labels: np.ndarray, classes: tuple[str, str]
 ) -> dict[str, bytes]:
-    """PNG bytes by file name: one confusion matrix per model and one ROC chart."""
+    """PNG bytes by file name: one confusion matrix per model, all of them in one grid
+    (`confusion_matrices.png`, for the card), and one ROC chart."""
     pngs = {
         f"confusion_{name}.png": png_bytes(confusion_figure(name, r["confusion"], classes))
         for name, r in results.items()
     }
-    pngs["roc.png"] = png_bytes(roc_figure(results, labels))
+    pngs["confusion_matrices.png"] = png_bytes(confusion_grid_figure(results, classes))
+    pngs["roc.png"] = png_bytes(roc_figure(results, labels, classes))
     return pngs

@@ -74,10 +74,6 @@ def card_components(
         Markdown("## ROC curves"),
         Image(pngs["roc.png"], label="ROC curves on the test split"),
         Markdown("## Confusion matrices"),
-    ]
-    components += [
-        Image(png, label=file.removesuffix(".png"))
-        for file, png in pngs.items()
-        if file.startswith("confusion_")
+        Image(pngs["confusion_matrices.png"], label="Confusion matrices on the test split"),
     ]
     return components

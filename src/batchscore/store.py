@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -115,13 +116,19 @@ class LocalStore(ObjectStore):
 
     def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> str:
         """Write beside, then rename: a reader never sees half a file, and concurrent
-        writers of one key never share a temporary file."""
+        writers of one key never share a temporary file. The file gets the mode the umask
+        gives any new file (0644 usually, not mkstemp's 0600), so a container or service
+        running as another user can read the store."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "wb") as out:
-            fill(out)
-        os.replace(tmp, target)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "xb") as out:
+                fill(out)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return self.uri(key)
 
     def get_bytes(self, key_or_uri: str) -> bytes:

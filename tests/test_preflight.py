@@ -1,0 +1,141 @@
+"""Fail fast: every configured service is reached before any work, and a failure is one line
+naming the variable and the masked URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tcp_proxy import closed_port
+
+from batchscore.preflight import ServiceError, check_services
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reachable_services_pass(service_env, settings_for):
+    check_services(settings_for(service_env))
+
+
+def test_embedded_defaults_need_no_service(settings_for, tmp_path):
+    check_services(settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")}))
+
+
+@pytest.mark.services
+def test_unreachable_redis_names_the_setting(service_env, settings_for):
+    port = closed_port()
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    with pytest.raises(ServiceError) as caught:
+        check_services(settings_for({**service_env, "BATCHSCORE_REDIS_URL": url}))
+    assert str(caught.value) == (
+        f"BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): connection refused"
+    )
+
+
+@pytest.mark.services
+def test_wrong_redis_password_names_the_setting(service_env, settings_for, redis_url):
+    url = redis_url.replace("redis://", "redis://:wrong-pw@")
+    try:
+        check_services(settings_for({**service_env, "BATCHSCORE_REDIS_URL": url}))
+    except ServiceError as exc:
+        assert str(exc).startswith("BATCHSCORE_REDIS_URL (redis://:***@")
+        assert "wrong-pw" not in str(exc)
+    # (A server without requirepass accepts any password: then there is nothing to report.)
+
+
+@pytest.mark.services
+def test_unreachable_database_names_the_setting(service_env, settings_for):
+    port = closed_port()
+    url = f"postgresql+psycopg2://batchscore:s3cret-pw@127.0.0.1:{port}/batchscore"
+    with pytest.raises(ServiceError) as caught:
+        check_services(settings_for({**service_env, "BATCHSCORE_DATABASE_URL": url}))
+    assert str(caught.value) == (
+        f"BATCHSCORE_DATABASE_URL (postgresql+psycopg2://batchscore:***@127.0.0.1:{port}"
+        "/batchscore): connection refused"
+    )
+
+
+@pytest.mark.services
+def test_missing_database_names_the_setting(service_env, settings_for, postgres_url):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url).set(database="no_such_db_here").render_as_string(False)
+    with pytest.raises(ServiceError) as caught:
+        check_services(settings_for({**service_env, "BATCHSCORE_DATABASE_URL": url}))
+    assert str(caught.value).startswith("BATCHSCORE_DATABASE_URL (")
+    assert str(caught.value).endswith(
+        '/no_such_db_here): database "no_such_db_here" does not exist'
+    )
+
+
+@pytest.mark.services
+def test_missing_bucket_names_the_store(service_env, settings_for):
+    env = {**service_env, "BATCHSCORE_STORE_URL": "s3://no-such-bucket-here"}
+    with pytest.raises(ServiceError) as caught:
+        check_services(settings_for(env))
+    assert str(caught.value) == "BATCHSCORE_STORE_URL (s3://no-such-bucket-here): no such bucket"
+
+
+@pytest.mark.services
+def test_unreachable_s3_endpoint_names_its_variable(service_env, settings_for):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(ServiceError) as caught:
+        check_services(settings_for({**service_env, "AWS_ENDPOINT_URL_S3": endpoint}))
+    assert str(caught.value) == f"AWS_ENDPOINT_URL_S3 ({endpoint}): connection refused"
+
+
+@pytest.mark.flows
+@pytest.mark.services
+@pytest.mark.parametrize("flow_file", ["train_models.py", "batch_processing.py"])
+def test_flow_stops_in_start_with_one_line(flow_file, service_env, tmp_path):
+    """A wrong database URL stops the run in `start`: one line, no traceback, no retries."""
+    from metaflow import Runner
+
+    port = closed_port()
+    env = {
+        **service_env,
+        "BATCHSCORE_DATABASE_URL": f"postgresql+psycopg2://batchscore:s3cret-pw@127.0.0.1:{port}/x",
+    }
+    flow = str(ROOT / "metaflow" / flow_file)
+    with Runner(flow, env=env, cwd=str(tmp_path)).run() as running:
+        assert running.status == "failed"
+        output = running.stdout + running.stderr
+        run = running.run
+    line = f"BATCHSCORE_DATABASE_URL (postgresql+psycopg2://batchscore:***@127.0.0.1:{port}/x)"
+    assert f"{line}: connection refused" in output, output[-3000:]
+    assert "Traceback" not in output
+    assert "s3cret-pw" not in output
+    assert [step.id for step in run] == ["start"]  # nothing after it ran
+    # One attempt, even where `start` has @retry.
+    assert output.count(f"{line}: connection refused") == 1
+
+
+def test_notebook_names_the_setting_when_redis_is_unreachable(tmp_path, monkeypatch):
+    """Run from notebooks/ as Jupyter does, against a Redis that is not there."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    port = closed_port()
+    (project / ".env").write_text(f"BATCHSCORE_REDIS_URL=redis://:s3cret-pw@127.0.0.1:{port}/0\n")
+    monkeypatch.setenv("BATCHSCORE_HOME", str(tmp_path / "home"))
+    notebook = nbformat.read(ROOT / "notebooks" / "predictions.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(project / "notebooks")}},
+    )
+    with pytest.raises(CellExecutionError) as caught:
+        client.execute()
+    message = str(caught.value)
+    assert f"BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): connection refused" in message
+    assert "s3cret-pw" not in message
+
+
+def test_a_password_in_a_drivers_message_is_masked_too():
+    error = ServiceError("BATCHSCORE_REDIS_URL", "redis://:pw-123@h:1/0", "bad pw-123 given")
+    assert str(error) == "BATCHSCORE_REDIS_URL (redis://:***@h:1/0): bad *** given"
