@@ -139,7 +139,9 @@ def warm_up(bundle: ModelBundle) -> float:
         frame = pd.read_parquet(path)  # the naive way's reader
         store = (Path(folder) / "store").as_uri()
         with_store = Settings(_env_file=None, store_url=store, home=folder, redis_url="unused")
-        for shard in plan_shards(path.as_uri(), bundle.feature_columns, 5, "Warm/0", with_store):
+        for shard in plan_shards(
+            path.as_uri(), bundle.feature_columns, 5, "Warm/0", with_store
+        ).shards:
             pa.ipc.open_file(pa.py_buffer(Path(urlparse(shard).path).read_bytes())).read_all()
     encode_predictions(bundle.models, frame, bundle.classes)
     first_occurrences(hash_rows(frame.to_numpy()))
@@ -169,7 +171,7 @@ def run_project(
         uri = parquet.as_uri()
         stage(version, run_id, uri, bundle, settings, ttl)
         staged = time.perf_counter()
-        shards = plan_shards(uri, bundle.feature_columns, shard_rows, run_id, settings)
+        shards = plan_shards(uri, bundle.feature_columns, shard_rows, run_id, settings).shards
         planned = time.perf_counter()
         if pool is None:
             outcomes = [_score_task(i, s, bundle, version, ttl) for i, s in enumerate(shards)]
@@ -208,7 +210,7 @@ def run_project(
             "read": (planned - staged) + total("read"),
             "predict": models,
             "key": total("key"),
-            "encode": total("predict") - models,
+            "encode": total("predict") + total("encode") - models,
             "write": total("write"),
             "switch": (staged - start) + (end - scored),
         },

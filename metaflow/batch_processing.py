@@ -14,7 +14,7 @@ import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it 
 from batchscore.config import Settings
 from batchscore.fail_fast import fail_fast
 from batchscore.preflight import require_services
-from metaflow import FlowSpec, Parameter, current, resources, retry, step, timeout
+from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
 RETRIES = Settings().step_retries
@@ -38,6 +38,21 @@ class BatchProcessingFlow(FlowSpec):
         default=0.0,
         type=float,
         help="key lifetime in days; 0 (default): keys live until a newer version retires them",
+    )
+    bad_rows = Parameter(
+        "bad_rows",
+        default="reject",
+        help="`reject` (any bad row fails the input) or `quarantine` (set bad rows aside "
+        "in rejected.csv, score the rest)",
+    )
+    max_bad_rows = Parameter(
+        "max_bad_rows", default=0.0, type=float, help="share of rejected rows the gate allows"
+    )
+    max_drift = Parameter(
+        "max_drift",
+        default=0.25,
+        type=float,
+        help="largest per-feature population stability index the gate allows",
     )
 
     @retry(times=RETRIES)
@@ -81,13 +96,15 @@ class BatchProcessingFlow(FlowSpec):
         from batchscore.online import ttl_seconds
 
         settings = Settings()
-        self.shards = plan_shards(
+        self.plan = plan_shards(
             self.input_uri,
             self.feature_columns,
             self.shard_rows or None,
             self.run_pathspec,
             settings,
+            self.bad_rows,
         )
+        self.shards = self.plan.shards
         stage(
             self.version,
             self.run_pathspec,
@@ -122,17 +139,23 @@ class BatchProcessingFlow(FlowSpec):
         )
         self.next(self.ingest_redis)
 
+    @card(type="blank")
     @retry(times=RETRIES)
     @fail_fast
     @step
     def ingest_redis(self, inputs):
-        """Check every shard's keys landed, then switch readers to the new version."""
-        from batchscore.batch import publish
+        """Gate the batch (drift, rejected rows), check every shard's keys landed, then
+        switch readers to the new version; the batch report is this step's card."""
+        from batchscore.batch import GateLimits, publish
+        from batchscore.batch_report import card_components
 
         self.merge_artifacts(
             inputs,
-            include=["run_pathspec", "version", "model_files", "input_uri", "model_name", "shards"],
-        )
+            include=[
+                "run_pathspec", "version", "model_files", "input_uri", "model_name", "shards",
+                "plan",
+            ],
+        )  # fmt: skip
         result = publish(
             self.run_pathspec,
             self.version,
@@ -141,14 +164,21 @@ class BatchProcessingFlow(FlowSpec):
             self.model_files,
             Settings(),
             scratch=self.shards,
+            plan=self.plan,
+            limits=GateLimits(self.max_drift, self.max_bad_rows),
         )
         self.rows_scored, self.keys_written = result.rows_scored, result.keys_written
         self.published = result.published
+        self.gate = result.report.gate.summary if result.report else "not checked"
+        if result.report:
+            current.card.extend(card_components(result.report))
         self.next(self.end)
 
+    @fail_fast
     @step
     def end(self):
-        """What was published, and where."""
+        """What was published, and where; a batch the gate blocked ends the run non-zero."""
+        from batchscore.gate import GateBlocked
         from batchscore.report import print_mapping
 
         print_mapping(
@@ -160,8 +190,16 @@ class BatchProcessingFlow(FlowSpec):
                 "published": self.published,
                 "rows scored": self.rows_scored,
                 "keys written": self.keys_written,
+                "gate": self.gate,
             },
         )
+        if self.gate.startswith("blocked"):
+            raise GateBlocked(
+                f"{self.version} {self.gate}. It stays staged: see the card "
+                f"(python metaflow/batch_processing.py card get {current.run_id}/ingest_redis "
+                "card.html), then "
+                f"`python -m batchscore promote {self.version}` to publish it anyway"
+            )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,13 @@ SECRET = "batchscore-env"
 SERVICE_URL = "http://metaflow-service.invalid:8080"  # never contacted with --only-json
 
 TRAIN_STEPS = {
-    "start", "load_and_prepare_data", "train_model", "join_models", "evaluate",
-    "store_results", "end",
+    "start",
+    "load_and_prepare_data",
+    "train_model",
+    "join_models",
+    "evaluate",
+    "store_results",
+    "end",
 }
 BATCH_STEPS = {"start", "load_model", "load_data", "batch_processing", "ingest_redis", "end"}
 
@@ -69,9 +74,19 @@ def extract_json(text: str) -> dict[str, Any]:
 def compile_flow(flow_file: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "metaflow" / flow_file), "--datastore=s3",
-         "argo-workflows", "create", "--only-json"],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "metaflow" / flow_file),
+            "--datastore=s3",
+            "argo-workflows",
+            "create",
+            "--only-json",
+        ],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return extract_json(proc.stdout)
@@ -96,7 +111,8 @@ def dag_tasks(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every DAG task of every DAG template, by task name."""
     return {
         task["name"]: task
-        for tpl in template["spec"]["templates"] if "dag" in tpl
+        for tpl in template["spec"]["templates"]
+        if "dag" in tpl
         for task in tpl["dag"]["tasks"]
     }
 
@@ -115,9 +131,10 @@ def check_common(
     tasks = dag_tasks(template)
     # Exactly one DAG task per step, running that step's pod template.
     step_template_names = sorted(tpl["name"] for tpl in by_step.values())
-    assert sorted(
-        t["template"] for t in tasks.values() if t["template"] in step_template_names
-    ) == step_template_names
+    assert (
+        sorted(t["template"] for t in tasks.values() if t["template"] in step_template_names)
+        == step_template_names
+    )
 
     endpoint = env["METAFLOW_S3_ENDPOINT_URL"]
     bucket = env["METAFLOW_DATASTORE_SYSROOT_S3"].removeprefix("s3://").split("/")[0]

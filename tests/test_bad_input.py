@@ -102,7 +102,7 @@ def test_reordered_and_extra_columns_key_and_predict_like_the_original(
     values = {}
     for name, source in {"original": original, "shuffled": shuffled}.items():
         version = f"v-{name}"
-        shards = plan_shards(str(source), FEATURES, 100, f"Flow/{name}", settings)
+        shards = plan_shards(str(source), FEATURES, 100, f"Flow/{name}", settings).shards
         online.stage(version, {"model": "logreg"})
         result = score_shard(0, shards[0], bundle, version, settings, online=online)
         assert result.keys_written == 40
@@ -125,7 +125,7 @@ def test_duplicate_rows_are_written_once_and_counted(
     bundle = ModelBundle("Train/1", [model], FEATURES, ("no", "yes"))
     source = tmp_path / "dupes.csv"
     frame.to_csv(source, index=False)
-    shards = plan_shards(str(source), FEATURES, 100, "Flow/1", settings)
+    shards = plan_shards(str(source), FEATURES, 100, "Flow/1", settings).shards
     online = OnlineStore(redis_client, redis_prefix)
     online.stage("v1", {"model": "dummy"})
     result = score_shard(0, shards[0], bundle, "v1", settings, online=online)

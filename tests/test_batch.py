@@ -58,7 +58,7 @@ def planned(tmp_path, redis_url, redis_prefix, settings_for):
             "BATCHSCORE_SCORING_THREADS": "1",
         }
     )
-    shards = plan_shards(path.as_uri(), COLUMNS, 50_000, "Flow/1", settings)
+    shards = plan_shards(path.as_uri(), COLUMNS, 50_000, "Flow/1", settings).shards
     return rows, shards, settings
 
 
@@ -105,7 +105,8 @@ def _run_parts(tmp_path, name: str, rows: int, shard_rows: int, settings):
     frame = pd.DataFrame({"a": np.arange(1.0, rows + 1.0), "b": np.full(rows, 3.0)})
     path = tmp_path / f"{name}.parquet"
     frame.to_parquet(path, index=False)
-    return path.as_uri(), plan_shards(path.as_uri(), COLUMNS, shard_rows, f"Flow/{name}", settings)
+    plan = plan_shards(path.as_uri(), COLUMNS, shard_rows, f"Flow/{name}", settings)
+    return path.as_uri(), plan.shards
 
 
 def _keyspace(client, prefix: str) -> set[str]:
@@ -202,7 +203,7 @@ def test_an_id_keyed_version_is_looked_up_by_id(tmp_path, redis_url, redis_prefi
         "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
     )
     version = new_version("Flow/ids")
-    shards = plan_shards(str(path), COLUMNS, 100, "Flow/ids", settings)
+    shards = plan_shards(str(path), COLUMNS, 100, "Flow/ids", settings).shards
     stage(version, "Flow/ids", str(path), bundle, settings)
     results = [score_shard(0, shards[0], bundle, version, settings)]
     assert results[0].keys_written == 2

@@ -75,6 +75,7 @@ def check_batch(run, settings) -> None:
     # The run's scratch shards are deleted once it published.
     assert data.shards and not any(store.exists(uri) for uri in data.shards)
     assert data.keys_written == len(published)
+    assert data.gate == "passed"  # the champion's own test split passes the drift gate
     online = OnlineStore.from_settings(settings)
     assert online.current() == data.version
     # Every row, looked up from its raw features, carries the champion's own prediction.
@@ -182,6 +183,10 @@ def test_service_mode_end_to_end(service_env, project, settings_for, notebook_ru
         assert champion.model == train.data.champion
         assert len(champion.model_sha256) == 64
         assert conn.execute(select(training_runs.c.champion)).scalar() == train.data.champion
+        profile = conn.execute(
+            select(training_runs.c.profile_uri, training_runs.c.profile_sha256)
+        ).one()
+        assert profile.profile_uri.endswith("/profile.json") and len(profile.profile_sha256) == 64
 
     # Re-recording the same run (a retried store_results) replaces, never duplicates.
     from batchscore.tracking import Tracker
@@ -201,6 +206,7 @@ def test_service_mode_end_to_end(service_env, project, settings_for, notebook_ru
             "n_train": 455,
             "n_test": 114,
             "batch_input_uri": train.data.data.batch_input_uri,
+            **profile._asdict(),
         },
         {
             m: {k: v for k, v in r.items() if k not in ("run_id", "model", "is_champion")}

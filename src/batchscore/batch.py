@@ -11,6 +11,7 @@ use them, so a step pays only for what it does (`python -X importtime` to check)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from batchscore.sizing import default_shard_rows, machine_cores
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from batchscore.batch_report import BatchReport
+    from batchscore.drift import ReferenceProfile
     from batchscore.online import OnlineStore
     from batchscore.scoring import LoadedModel
     from batchscore.tracking import ModelRecord
@@ -41,10 +44,15 @@ class ModelBundle:
     models: list[LoadedModel]
     feature_columns: list[str]
     classes: tuple[str, str]
+    reference: ReferenceProfile | None = None  # the training rows' profile, for drift
 
     @property
     def champion(self) -> str:
         return self.models[0].name
+
+    @property
+    def threshold(self) -> float:
+        return self.models[0].threshold
 
     @property
     def names(self) -> list[str]:
@@ -61,6 +69,7 @@ class ModelFiles:
 
     records: list[ModelRecord]
     blobs: list[bytes]
+    profile: bytes | None = None  # the training run's reference profile, checked likewise
 
     @property
     def training_run_id(self) -> str:
@@ -82,6 +91,16 @@ class ModelFiles:
     def names(self) -> list[str]:
         return [r.model for r in self.records]
 
+    @property
+    def threshold(self) -> float:
+        return self.records[0].threshold
+
+    @property
+    def reference(self) -> ReferenceProfile | None:
+        from batchscore.drift import ReferenceProfile
+
+        return ReferenceProfile.from_json(self.profile) if self.profile else None
+
     def load(self) -> ModelBundle:
         """Deserialise each model (its SHA-256 checked again: the bytes passed through a
         datastore since `fetch_models`)."""
@@ -97,7 +116,9 @@ class ModelFiles:
             )
             for r, blob in zip(self.records, self.blobs, strict=True)
         ]
-        return ModelBundle(self.training_run_id, models, self.feature_columns, self.classes)
+        return ModelBundle(
+            self.training_run_id, models, self.feature_columns, self.classes, self.reference
+        )
 
 
 def find_models(which: str, settings: Settings) -> list[ModelRecord]:
@@ -120,7 +141,24 @@ def fetch_models(which: str | Sequence[ModelRecord], settings: Settings) -> Mode
             from batchscore.models import load_model
 
             load_model(blob, record.model_sha256, record.model_uri)  # raises IntegrityError
-    return ModelFiles(records, blobs)
+    return ModelFiles(records, blobs, _fetch_profile(records[0], settings))
+
+
+def _fetch_profile(record: ModelRecord, settings: Settings) -> bytes | None:
+    """The champion's training profile, refused unless its SHA-256 matches the record."""
+    from batchscore.store import ObjectStore
+
+    if not record.profile_uri:
+        log.warning("%s recorded no reference profile: drift is not checked", record.model)
+        return None
+    data = ObjectStore.read_uri(record.profile_uri, settings)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != record.profile_sha256:
+        raise ValueError(
+            f"{record.profile_uri}: SHA-256 {actual} does not match the recorded "
+            f"{record.profile_sha256}; refusing to use it"
+        )
+    return data
 
 
 def load_models(which: str | Sequence[ModelRecord], settings: Settings) -> ModelBundle:
@@ -136,25 +174,44 @@ def default_input(settings: Settings) -> str:
         return tracker.champion_batch_input()
 
 
+BAD_ROWS = ("reject", "quarantine")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The input cut into scratch shards, and what was left out of them."""
+
+    shards: list[str]
+    rows_read: int
+    rows_rejected: int = 0
+    rejected_uri: str | None = None  # `batch/<run>/rejected.csv`: row, column, value, reason
+
+
 def plan_shards(
     input_uri: str,
     feature_columns: list[str],
     shard_rows: int | None,
     run_id: str,
     settings: Settings,
-) -> list[str]:
+    bad_rows: str = "reject",
+) -> ShardPlan:
     """Validate every row of the input and cut it into Arrow IPC shards in the store.
 
     The shards are this run's scratch space: nothing readers see changes here, so an
     input error found in the last row still leaves Redis and the database untouched.
     `shard_rows` None: sized from the cores (`sizing.default_shard_rows`).
+    `bad_rows="quarantine"`: rows with a missing, non-numeric or non-finite feature are
+    left out and listed in `rejected.csv` instead of failing the input; a structural
+    error (a missing column, an unreadable file) still rejects it whole.
     """
     import pyarrow as pa
 
-    from batchscore.data import InputError, iter_tables, to_feature_table
+    from batchscore.data import InputError, iter_tables, partition_rows, to_feature_table
     from batchscore.keys import id_keys
     from batchscore.store import ObjectStore
 
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows must be one of {BAD_ROWS}, not {bad_rows!r}")
     if shard_rows is None:
         cores = machine_cores()
         rows = _known_rows(input_uri)
@@ -162,36 +219,68 @@ def plan_shards(
         log.info("%s rows, %d cores: shards of %d rows", rows or "unknown", cores, shard_rows)
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be at least 1, not {shard_rows}")
+    quarantine = bad_rows == "quarantine"
     store = ObjectStore.from_settings(settings)
-    folder = f"batch/{run_id.replace('/', '-')}/shards"
+    folder = f"batch/{run_id.replace('/', '-')}"
     id_column = settings.id_column
     extra = [id_column] if id_column else []
     shards: list[str] = []
+    rejected: list[pa.Table] = []
     rows = 0
     try:
         for batch in iter_tables(
-            input_uri, settings, shard_rows, numeric_columns=feature_columns, text_columns=extra
+            input_uri,
+            settings,
+            shard_rows,
+            # Quarantine reads features as text, so that a bad cell is a row to set aside,
+            # not an unreadable file.
+            numeric_columns=() if quarantine else feature_columns,
+            text_columns=[*extra, *feature_columns] if quarantine else extra,
         ):
-            table = to_feature_table(batch, feature_columns, input_uri, rows + 1, extra)
+            if id_column and id_column not in batch.column_names:
+                raise InputError(
+                    f"{input_uri}: no id column {id_column!r} (BATCHSCORE_ID_COLUMN); "
+                    f"columns: {batch.column_names}"
+                )
+            if quarantine:
+                part = partition_rows(batch, feature_columns, input_uri, rows + 1, extra)
+                rejected.append(part.rejected)
+                table, source = part.good.select(feature_columns), part.good
+            else:
+                table = to_feature_table(batch, feature_columns, input_uri, rows + 1, extra)
+                source = batch
             if id_column:
-                if id_column not in batch.column_names:
-                    raise InputError(
-                        f"{input_uri}: no id column {id_column!r} (BATCHSCORE_ID_COLUMN); "
-                        f"columns: {batch.column_names}"
-                    )
-                ids = batch.column(id_column).to_pandas()
+                ids = source.column(id_column).to_pandas()
                 ids = id_keys(ids, input_uri, id_column, first_row=rows + 1)
                 table = table.append_column(id_column, pa.array(ids, pa.string()))
-            key = f"{folder}/part-{len(shards):05d}.arrow"
-            shards.append(store.put_stream(key, partial(_write_arrow, table)))
             rows += batch.num_rows
+            if table.num_rows:
+                key = f"{folder}/shards/part-{len(shards):05d}.arrow"
+                shards.append(store.put_stream(key, partial(_write_arrow, table)))
         if not rows:
             raise InputError(f"{input_uri}: the table has a header but no rows")
+        if not shards:
+            raise InputError(f"{input_uri}: every one of its {rows} rows was rejected")
     except Exception:
         for shard in shards:  # a rejected input leaves no scratch behind
             store.delete(shard)
         raise
-    return shards
+    if not quarantine:
+        return ShardPlan(shards, rows)
+    bad = pa.concat_tables(rejected)
+    uri = store.put_bytes(f"{folder}/rejected.csv", _csv_bytes(bad)) if bad.num_rows else None
+    if bad.num_rows:
+        log.warning("%s: %d of %d rows rejected, listed in %s", input_uri, bad.num_rows, rows, uri)
+    return ShardPlan(shards, rows, bad.num_rows, uri)
+
+
+def _csv_bytes(table: pa.Table) -> bytes:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _known_rows(input_uri: str) -> int | None:
@@ -234,6 +323,7 @@ class ShardResult:
     duplicates: int = 0  # rows whose key repeated an earlier row's in the shard: written once
     seconds: dict[str, float] = field(default_factory=dict)
     threads: int | None = None  # the cap on the models' thread pools (None: none)
+    profile: dict | None = None  # `drift.BatchProfile` counts of the scored rows
 
 
 def score_shard(
@@ -254,9 +344,10 @@ def score_shard(
     import pyarrow as pa
     from threadpoolctl import threadpool_limits
 
+    from batchscore.drift import BatchProfile
     from batchscore.keys import first_occurrences, hash_rows
     from batchscore.online import OnlineStore, SupersededError
-    from batchscore.scoring import encode_predictions
+    from batchscore.scoring import encode, predict_all
     from batchscore.store import ObjectStore
 
     clock = _Clock()
@@ -278,6 +369,7 @@ def score_shard(
     # Parallel tasks whose models each spread over every core spin against each other:
     # each task's pools are capped (cores / concurrent tasks in the flow).
     threads = threads or settings.scoring_threads
+    profile = BatchProfile()
     try:
         with (
             threadpool_limits(limits=threads),
@@ -285,8 +377,14 @@ def score_shard(
         ):
             for start in range(0, len(keys), SCORE_BLOCK_ROWS):
                 block = features.iloc[start : start + SCORE_BLOCK_ROWS]
-                values = encode_predictions(bundle.models, block, bundle.classes)
+                outputs = predict_all(bundle.models, block)
                 clock.lap("predict")
+                if bundle.reference is not None:  # the batch report's counts, as we go
+                    _, labels, proba = outputs[0]
+                    profile.add(bundle.reference, block.to_numpy(), proba, labels)
+                    clock.lap("profile")
+                values = encode(outputs, bundle.classes)
+                clock.lap("encode")
                 writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
                 clock.lap("write")
     except SupersededError as exc:
@@ -300,15 +398,36 @@ def score_shard(
     duplicates = table.num_rows - len(keys)
     if duplicates:
         log.warning("shard %s: %d duplicate rows written once", shard, duplicates)
-    return ShardResult(shard, table.num_rows, written, duplicates, clock.seconds, threads)
+    return ShardResult(
+        shard,
+        table.num_rows,
+        written,
+        duplicates,
+        clock.seconds,
+        threads,
+        profile.to_dict() if bundle.reference is not None else None,
+    )
 
 
 @dataclass(frozen=True)
 class PublishResult:
     rows_scored: int
     keys_written: int
-    published: bool  # False: a newer version was already current, and stays so
+    published: bool  # False: blocked by the gate, or a newer version was already current
     retired: list[str]
+    report: BatchReport | None = None  # None: the model recorded no reference profile
+
+    @property
+    def blocked(self) -> bool:
+        return self.report is not None and not self.report.gate.passed
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """What a batch must satisfy to go live (the flow's `--max_drift`, `--max_bad_rows`)."""
+
+    max_drift: float = 0.25
+    max_bad_rows: float = 0.0
 
 
 def publish(
@@ -319,18 +438,25 @@ def publish(
     bundle: ModelBundle | ModelFiles,
     settings: Settings,
     scratch: Sequence[str] = (),
+    plan: ShardPlan | None = None,
+    limits: GateLimits = GateLimits(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> PublishResult:
-    """Switch readers to the new version once every shard is counted and its sampled keys
-    are still in Redis; record the run. A version superseded by a newer live one is
-    discarded. Either way the run is over, so its scratch shards are deleted; on an error
-    they stay, for `resume`."""
+    """Gate the batch, then switch readers to it once every shard is counted and its sampled
+    keys are still in Redis; record the run and its report.
+
+    A batch the gate blocks stays staged (readers never see it) for `promote`. A version
+    superseded by a newer live one is discarded. Either way the run is over, so its scratch
+    shards are deleted; on an error they stay, for `resume`.
+    """
     from batchscore.online import OnlineStore
     from batchscore.store import ObjectStore
     from batchscore.tracking import Tracker
 
+    started = time.perf_counter()
     online = OnlineStore.from_settings(settings)
     rows = sum(r.rows_scored for r in results)
     keys = sum(r.keys_written for r in results)
+    report = _report(version, results, bundle, online, plan, limits)
     record = {
         "input_uri": input_uri,
         "training_run_id": bundle.training_run_id,
@@ -339,26 +465,98 @@ def publish(
         "rows_scored": rows,
         "keys_written": keys,
         "published": False,
+        "rows_read": plan.rows_read if plan else rows,
+        "rows_rejected": plan.rows_rejected if plan else 0,
+        "duplicates": sum(r.duplicates for r in results),
     }
+    # What `promote` needs to publish this version later with the same checks.
+    online.annotate(version, {"keys_expected": keys, "shards_expected": len(results)})
+    if report is not None:
+        record.update(report.summary())
+        online.annotate(
+            version,
+            {
+                "gate": report.gate.summary,
+                "max_drift": round(report.max_drift, 6),
+                "score_counts": report.score_counts,
+            },
+        )
     with Tracker(settings.resolved_database_url) as tracker:
         # Recorded before the switch: a live version always has its lineage row.
         tracker.record_batch(run_id, record)
-        published = online.publish(version, keys, len(results))
+        blocked = report is not None and not report.gate.passed
+        published = not blocked and online.publish(version, keys, len(results))
         if published:
             tracker.mark_published(run_id)
     retired: list[str] = []
     if published:
         try:
-            retired = online.retire()
+            retired = online.retire(settings.keep_versions)
         except Exception as exc:  # housekeeping only: the new version is already live
             log.warning("could not retire old versions: %s", exc)
+    elif blocked:
+        log.warning("%s stays staged: %s", version, report.gate.summary)
     else:
         log.warning("%s was superseded by %s: discarded", version, online.current())
         online.discard(version)
     store = ObjectStore.from_settings(settings)
     for uri in scratch:
         store.delete(uri)
-    return PublishResult(rows, keys, published, retired)
+    if report is not None:
+        report.seconds["publish"] = time.perf_counter() - started
+    return PublishResult(rows, keys, published, retired, report)
+
+
+def _report(
+    version: str,
+    results: list[ShardResult],
+    bundle: ModelBundle | ModelFiles,
+    online: OnlineStore,
+    plan: ShardPlan | None,
+    limits: GateLimits,
+) -> BatchReport | None:
+    """The shards' counts merged and judged: drift against training, rejected rows."""
+    from batchscore import gate
+    from batchscore.batch_report import build_report
+    from batchscore.drift import BatchProfile
+
+    reference = bundle.reference
+    if reference is None or any(r.profile is None for r in results):
+        return None
+    profile = BatchProfile.merge([BatchProfile.from_dict(r.profile) for r in results])
+    rows_read = plan.rows_read if plan else sum(r.rows_scored for r in results)
+    rejected = plan.rows_rejected if plan else 0
+    drift = profile.drift(reference)
+    live = online.current()
+    live_counts = online.client.hget(online.manifest(live), "score_counts") if live else None
+    seconds: dict[str, float] = {}
+    for result in results:
+        for stage_name, value in result.seconds.items():
+            seconds[stage_name] = seconds.get(stage_name, 0.0) + value
+    return build_report(
+        version=version,
+        model=bundle.champion,
+        threshold=bundle.threshold,
+        training_run_id=bundle.training_run_id,
+        classes=bundle.classes,
+        reference=reference,
+        profile=profile,
+        rows_read=rows_read,
+        duplicates=sum(r.duplicates for r in results),
+        rows_rejected=rejected,
+        gate=gate.check(
+            drift,
+            rows_read,
+            rejected,
+            limits.max_drift,
+            limits.max_bad_rows,
+            profile.noise(reference),
+        ),
+        live_version=live,
+        live_score_counts=json.loads(live_counts) if live_counts else None,
+        seconds=seconds,
+        rejected_uri=plan.rejected_uri if plan else None,
+    )
 
 
 def stage(

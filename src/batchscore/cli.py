@@ -4,6 +4,9 @@ python -m batchscore status
 python -m batchscore lookup 3f2a...            # one or more row keys
 python -m batchscore lookup --csv rows.csv     # raw feature rows: keys computed here
 python -m batchscore lookup --sample 5         # the first rows of the live version's input
+python -m batchscore history                   # versions: status, rows, drift, gate
+python -m batchscore rollback                  # readers back to the previous version
+python -m batchscore promote VERSION           # publish a batch the gate blocked
 python -m batchscore stop-embedded             # stop the embedded Redis server
 python -m batchscore serve --port 8000          # the HTTP prediction service (batchscore.service)
 """
@@ -24,8 +27,9 @@ from rich.table import Table
 from batchscore.config import Settings
 from batchscore.data import InputError, iter_frames
 from batchscore.embedded_redis import stop_server
-from batchscore.online import OnlineStore
+from batchscore.online import OnlineStore, PublishError
 from batchscore.preflight import redis_error
+from batchscore.tracking import TrackingError
 
 ROW_KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -47,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the first N rows of the table the live version was scored from",
     )
+    history = commands.add_parser("history", help="batch runs and their versions, newest first")
+    history.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    commands.add_parser("rollback", help="switch readers back to the previous published version")
+    promote = commands.add_parser("promote", help="publish a staged version the gate blocked")
+    promote.add_argument("version", help="the version, as `history` lists it")
     commands.add_parser("stop-embedded", help="stop the embedded Redis server, if running")
     _add_serve(commands)
     return parser
@@ -63,17 +72,43 @@ def main(argv: list[str] | None = None) -> int:
             stopped = stop_server(settings.embedded_redis_path)
             console.print("embedded Redis stopped" if stopped else "embedded Redis was not running")
             return 0
+        if args.command in ("history", "rollback", "promote"):
+            return _operate(args, settings, console)
         online = OnlineStore.from_settings(settings)
         if args.command == "status":
             return _status(online, console)
         return _lookup(online, args, settings, console)
-    except (InputError, LookupError) as exc:
+    except (InputError, LookupError, PublishError, TrackingError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
     except RedisError as exc:
         # Name the setting to fix, password masked: BATCHSCORE_REDIS_URL (...): connection refused
         console.print(f"[red]error:[/red] {escape(redis_error(settings, exc))}", highlight=False)
         return 2
+
+
+def _operate(args: argparse.Namespace, settings: Settings, console: Console) -> int:
+    from batchscore import operations
+
+    if args.command == "rollback":
+        previous, restored = operations.rollback(settings)
+        console.print(f"readers switched from {previous} back to {restored}")
+        return 0
+    if args.command == "promote":
+        retired = operations.promote(args.version, settings)
+        console.print(f"{args.version} is live" + (f"; retired {retired}" if retired else ""))
+        return 0
+    rows = operations.history(settings, args.limit)
+    if not rows:
+        console.print("no batch run recorded yet: run metaflow/batch_processing.py")
+        return 1
+    table = Table(title="batch runs, newest first")
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    return 0
 
 
 def _status(online: OnlineStore, console: Console) -> int:

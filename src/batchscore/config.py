@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # Threads each scoring task gives the models' OpenMP/BLAS pools (unset: the flow sizes
     # them, cores / concurrent tasks; see sizing.py). Set: this value wins.
     scoring_threads: int | None = Field(None, ge=1)
+    # Published versions kept in Redis: the live one and the one `rollback` returns to
+    # (fewer than 2 would also pull the version from under a reader mid-read).
+    keep_versions: int = Field(2, ge=2)
 
     s3_endpoint_url: str | None = Field(
         None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")

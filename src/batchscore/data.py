@@ -474,3 +474,93 @@ def to_feature_table(
         value = float("nan") if value is None else value
         raise _not_finite(source, feature_columns[index], first_row + row, value)
     return pa.table(dict(zip(feature_columns, columns, strict=True)))
+
+
+# ------------------------------------------------------------------------ quarantine
+
+# A decimal or scientific number as Arrow's CSV reader would parse it (and inf/nan, which
+# parse, then fail the finite check with their own reason).
+_NUMBER = r"^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)$"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """An input block split into rows that can be scored and rows that cannot."""
+
+    good: pa.Table  # the feature columns as finite float64, plus any extra columns kept
+    rejected: pa.Table  # row (1-based data row), column, value (as text), reason
+
+
+def partition_rows(
+    table: pa.Table,
+    feature_columns: Sequence[str],
+    source: str,
+    first_row: int = 1,
+    keep: Sequence[str] = (),
+) -> Partition:
+    """Keep the rows whose every feature is a finite number; name why each other row is not.
+
+    Structural problems (a missing column) still raise: they reject the whole input, not
+    rows of it. A row is reported once, at its first bad column in training order.
+    """
+    _check_columns(table.column_names, feature_columns, source, first_row, keep)
+    bad = np.zeros(table.num_rows, dtype=bool)
+    where = np.full(table.num_rows, -1, dtype=np.int64)  # index of the first bad column
+    reasons = np.empty(table.num_rows, dtype=object)
+    columns = []
+    for index, name in enumerate(feature_columns):
+        values, problems = _as_finite(table.column(name).combine_chunks())
+        fresh = (problems != None) & ~bad  # noqa: E711 - numpy element-wise
+        where[fresh] = index
+        reasons[fresh] = problems[fresh]
+        bad |= fresh
+        columns.append(values)
+    good_mask = pa.array(~bad)
+    good = pa.table(
+        {
+            **dict(zip(feature_columns, columns, strict=True)),
+            **{name: table.column(name) for name in keep if name in table.column_names},
+        }
+    ).filter(good_mask)
+    rows = np.flatnonzero(bad)
+    names = [feature_columns[i] for i in where[rows]]
+    shown = [
+        _cell_text(table.column(name), int(row)) for name, row in zip(names, rows, strict=True)
+    ]
+    rejected = pa.table(
+        {
+            "row": pa.array(rows + first_row, pa.int64()),
+            "column": pa.array(names, pa.string()),
+            "value": pa.array(shown, pa.string()),
+            "reason": pa.array(list(reasons[rows]), pa.string()),
+        }
+    )
+    return Partition(good, rejected)
+
+
+def _as_finite(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """The column as float64 (bad cells null) and, per row, why it is bad (None: fine)."""
+    problems = np.full(len(column), None, dtype=object)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        text = pc.utf8_trim_whitespace(column)
+        number = pc.fill_null(pc.match_substring_regex(text, _NUMBER, ignore_case=True), False)
+        blank = pc.fill_null(pc.equal(text, ""), True)  # an empty cell is a missing value
+        not_number = np.asarray(pc.and_(pc.invert(number), pc.invert(blank)))
+        problems[not_number] = "not a number"
+        # Arrow's text-to-float64 cast is the parser its CSV reader uses: keys stay exact.
+        column = pc.cast(pc.if_else(number, text, pa.scalar(None, pa.string())), pa.float64())
+    elif not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        raise InputError(f"column of type {column.type} cannot hold feature values")
+    else:
+        column = pc.cast(column, pa.float64(), safe=False)
+    values = column.to_numpy(zero_copy_only=False)
+    missing = np.asarray(column.is_null()) & (problems == None)  # noqa: E711
+    problems[missing] = "missing value"
+    infinite = ~np.isfinite(values) & ~np.asarray(column.is_null())
+    problems[infinite] = "not a finite number (NaN or inf)"
+    return column, problems
+
+
+def _cell_text(column: pa.ChunkedArray, row: int) -> str:
+    value = column[row].as_py()
+    return "" if value is None else str(value)

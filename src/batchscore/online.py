@@ -58,7 +58,8 @@ end
 if current and current > ARGV[1] then
   return 0
 end
-if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+-- Staged, or published before and rolled back from (promote brings it back).
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return redis.error_reply('NOTSTAGED ' .. ARGV[1] .. ' is not staged (discarded, or never opened)')
 end
 local fields = redis.call('HGETALL', KEYS[2])
@@ -94,6 +95,49 @@ return 1
 READ_SLICE = 1_000  # keys per MGET: Redis serves other clients between slices
 SAMPLE_KEYS = 1_024  # keys per shard checked with EXISTS before the switch
 SAFE_POLICY = "noeviction"
+
+
+# Rollback: `current` back to the newest kept version older than it, in one step, and only
+# if `current` is still what the caller saw. KEYS: pointer, versions. ARGV: prefix,
+# expected current, now. Returns the version now current.
+_ROLLBACK = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return redis.error_reply('NOVERSION nothing is published')
+end
+if current ~= ARGV[2] then
+  return redis.error_reply('MOVED the live version changed to ' .. current .. ' meanwhile')
+end
+local older = redis.call('ZRANGE', KEYS[2], 0, -1)
+local previous = false
+for i = 1, #older do
+  if older[i] < current and (not previous or older[i] > previous) then
+    previous = older[i]
+  end
+end
+if not previous then
+  return redis.error_reply('NOPREVIOUS no published version older than ' .. current .. ' is kept')
+end
+local manifest = ARGV[1] .. ':manifest:' .. previous
+if redis.call('EXISTS', manifest) == 0 then
+  return redis.error_reply('RETIRED ' .. previous .. ' has been retired')
+end
+redis.call('SET', KEYS[1], previous)
+redis.call('HSET', manifest, 'status', 'current', 'restored_at', ARGV[3])
+redis.call('HSET', ARGV[1] .. ':manifest:' .. current, 'status', 'rolled back',
+  'rolled_back_at', ARGV[3])
+return previous
+"""
+
+
+# HSET into a manifest only while it exists. KEYS: manifest. ARGV: field, value, ...
+_ANNOTATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
 
 
 class PublishError(RuntimeError):
@@ -201,6 +245,8 @@ class OnlineStore:
         self.staged = f"{prefix}:staged"
         self._publish = client.register_script(_PUBLISH)
         self._record_shard = client.register_script(_RECORD_SHARD)
+        self._rollback = client.register_script(_ROLLBACK)
+        self._annotate = client.register_script(_ANNOTATE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnlineStore:
@@ -473,7 +519,8 @@ class OnlineStore:
         info = {
             k: v
             for k, v in manifest.items()
-            if not k.startswith("shard:") and k not in ("feature_columns", "classes")
+            if not k.startswith("shard:")
+            and k not in ("feature_columns", "classes", "score_counts")
         }
         published_at = float(info.pop("published_at", "nan"))
         return {
@@ -483,6 +530,59 @@ class OnlineStore:
             "age_seconds": time.time() - published_at,
             **info,
         }
+
+    # ------------------------------------------------------------------ operating
+
+    def rollback(self) -> tuple[str, str]:
+        """Readers back to the previous published version, atomically: (from, to).
+
+        Refuses when that version has been retired (its keys are gone) or when the live
+        version changed while this ran. The rolled-back version stays published (and
+        kept), so `promote` can bring it back.
+        """
+        current = self.current()
+        try:
+            restored = self._rollback(
+                keys=[self.pointer, self.versions],
+                args=[self.prefix, current or "", f"{time.time():.6f}"],
+            )
+        except redis.ResponseError as exc:
+            raise PublishError(f"rollback refused: {exc}") from exc
+        return current or "", restored.decode()
+
+    SUMMARY_FIELDS = (
+        "status", "run_id", "model", "published_at", "keys_expected", "shards_expected",
+        "gate", "max_drift", "score_counts",
+    )  # fmt: skip
+
+    def manifests(self) -> dict[str, dict[str, str]]:
+        """Every version Redis still knows (published or staged), newest first: the
+        manifest's summary fields (not its key samples, which only `verify` reads)."""
+        names = {v.decode() for v in self.client.zrange(self.versions, 0, -1)}
+        names |= {v.decode() for v in self.client.zrange(self.staged, 0, -1)}
+        ordered = sorted(names, reverse=True)
+        pipe = self.client.pipeline(transaction=False)
+        for version in ordered:
+            pipe.hmget(self.manifest(version), self.SUMMARY_FIELDS)
+        found = {}
+        for version, values in zip(ordered, pipe.execute(), strict=True):
+            fields = {k: v.decode() for k, v in zip(self.SUMMARY_FIELDS, values, strict=True) if v}
+            if fields:  # a manifest retired between the two reads is gone, not empty
+                found[version] = fields
+        return found
+
+    def annotate(self, version: str, fields: dict[str, Any]) -> bool:
+        """Add fields to a version's manifest, unless the version is gone (retired or
+        discarded meanwhile: a manifest must never come back without its keys)."""
+        values = [
+            str(v) if isinstance(v, str | int | float) else json.dumps(v) for v in fields.values()
+        ]
+        return bool(
+            self._annotate(
+                keys=[self.manifest(version)],
+                args=[x for pair in zip(fields, values, strict=True) for x in pair],
+            )
+        )
 
 
 class ShardWriter:

@@ -48,18 +48,30 @@ def predict(model: LoadedModel, features: pd.DataFrame) -> tuple[np.ndarray, np.
     return labels_at(proba, model.threshold), proba
 
 
+Scored = tuple[LoadedModel, np.ndarray, np.ndarray]  # (model, labels, probabilities)
+
+
+def predict_all(models: Sequence[LoadedModel], features: pd.DataFrame) -> list[Scored]:
+    """Every model's labels and probabilities for the rows; `models[0]` is the champion."""
+    return [(m, *predict(m, features)) for m in models]
+
+
 def encode_predictions(
     models: Sequence[LoadedModel],
     features: pd.DataFrame,
     classes: tuple[str, str],
 ) -> pa.StringArray:
-    """One JSON value per row; `models[0]` is the champion, the rest ride along.
+    """One JSON value per row; `models[0]` is the champion, the rest ride along."""
+    return encode(predict_all(models, features), classes)
+
+
+def encode(outputs: Sequence[Scored], classes: tuple[str, str]) -> pa.StringArray:
+    """The JSON values of already scored rows (`predict_all`), champion first.
 
     Built column-wise with Arrow compute kernels (numbers cast to text, literal pieces
     joined row by row), about 6x faster than formatting a str per row. Probabilities are
     rounded to 6 decimals and written in their shortest form (`1`, `0.25`, `0.981234`).
     """
-    outputs = [(m, *predict(m, features)) for m in models]
     champion, labels, proba = outputs[0]
     # The text before each probability depends only on the label: two strings, picked per
     # row by `take`, so that the label and class need no per-row formatting at all.

@@ -53,6 +53,9 @@ training_runs = Table(
     Column("n_test", Integer, nullable=False),
     Column("batch_input_uri", String(1000), nullable=False),
     Column("champion", String(50)),
+    # The reference profile of the training rows, checked like a model (issue 13's gate).
+    Column("profile_uri", String(1000)),
+    Column("profile_sha256", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -88,6 +91,14 @@ batch_runs = Table(
     Column("keys_written", Integer, nullable=False),
     Column("published", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The batch report's summary: what the gate looked at and what it decided.
+    Column("rows_read", Integer),
+    Column("rows_rejected", Integer),
+    Column("duplicates", Integer),
+    Column("max_drift", Float),
+    Column("max_drift_feature", String(1000)),
+    Column("gate", String(4000)),
+    Column("report", JSON),
 )
 
 
@@ -107,6 +118,9 @@ class ModelRecord:
     classes: tuple[str, str]  # (negative, positive): label 0 and label 1
     is_champion: bool
     threshold: float = 0.5  # label 1 when the positive-class probability reaches it
+    # The training run's reference profile for the drift gate (None: recorded before it).
+    profile_uri: str | None = None
+    profile_sha256: str | None = None
 
 
 class Tracker:
@@ -173,6 +187,8 @@ class Tracker:
                 classes=(run.negative_class, run.positive_class),
                 is_champion=row.is_champion,
                 threshold=0.5 if row.threshold is None else row.threshold,
+                profile_uri=run.profile_uri,
+                profile_sha256=run.profile_sha256,
             )
             for row in rows
         ]
@@ -218,6 +234,14 @@ class Tracker:
         with self._transaction() as conn:
             row = conn.execute(select(batch_runs).where(batch_runs.c.run_id == run_id)).first()
         return dict(row._mapping) if row else None
+
+    def batch_history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest batch runs, newest first: what `python -m batchscore history` lists."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                select(batch_runs).order_by(batch_runs.c.created_at.desc()).limit(limit)
+            ).mappings()
+            return [dict(row) for row in rows]
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from batchscore.config import Settings
 from batchscore.data import Dataset, load_dataset
+from batchscore.drift import ReferenceProfile
 from batchscore.models import TrainedModel, dump_model
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
@@ -136,6 +137,9 @@ def save_training(
             "model_sha256": sha256,
         }
     plot_uris = {file: store.put_bytes(f"plots/{folder}/{file}", png) for file, png in pngs.items()}
+    # The yardstick for the batch flow's drift gate, stored and checked like a model.
+    profile = reference_profile(trained[champion], data)
+    profile_uri = store.put_bytes(f"models/{folder}/profile.json", profile.to_json())
     run = {
         "dataset": data.dataset,
         "target": target,
@@ -145,10 +149,22 @@ def save_training(
         "n_train": len(data.train_labels),
         "n_test": len(data.test_labels),
         "batch_input_uri": data.batch_input_uri,
+        "profile_uri": profile_uri,
+        "profile_sha256": profile.sha256(),
     }
     with Tracker(settings.resolved_database_url) as tracker:
         tracker.record_training(run_id, run, rows, champion)
     return SavedTraining(champion=champion, model_uris=model_uris, plot_uris=plot_uris)
+
+
+def reference_profile(champion: TrainedModel, data: PreparedData) -> ReferenceProfile:
+    """The training features' bins and the champion's scores on the rows it learned from."""
+    from batchscore.models import positive_proba
+
+    scores = positive_proba(champion.estimator, data.train_features)
+    return ReferenceProfile.build(
+        data.train_features.to_numpy(), data.feature_columns, scores, champion.name
+    )
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

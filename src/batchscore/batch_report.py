@@ -1,0 +1,197 @@
+"""The batch report: what was scored, how it compares with training and the live version.
+
+Built in `ingest_redis` from the shards' merged counts, so it costs a few bin counts per
+shard and nothing at the end that grows with the table. It becomes the batch flow's card,
+a row in `batch_runs`, and a field of the version's manifest (the next batch's "live").
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchscore.drift import SCORE_BINS, BatchProfile, ReferenceProfile
+from batchscore.gate import GateResult
+
+TOP_FEATURES = 15  # drifted features listed on the card
+
+
+@dataclass
+class BatchReport:
+    version: str
+    model: str
+    threshold: float
+    training_run_id: str
+    classes: tuple[str, str]
+    rows_read: int
+    rows_scored: int
+    duplicates: int
+    rows_rejected: int
+    label_counts: list[int]
+    score_counts: list[int]
+    training_score_counts: list[int]
+    live_score_counts: list[int] | None
+    live_version: str | None
+    drift: dict[str, float]
+    gate: GateResult
+    seconds: dict[str, float] = field(default_factory=dict)
+    rejected_uri: str | None = None
+    noise: float = 0.0  # PSI that sampling alone gives at this size, allowed on top
+
+    @property
+    def max_drift(self) -> float:
+        return max(self.drift.values(), default=0.0)
+
+    @property
+    def label_shares(self) -> dict[str, float]:
+        total = sum(self.label_counts) or 1
+        return {c: n / total for c, n in zip(self.classes, self.label_counts, strict=True)}
+
+    def summary(self) -> dict[str, Any]:
+        """The columns `batch_runs` records beside the run (and `history` shows)."""
+        worst = next(iter(self.drift.items()), ("", 0.0))
+        return {
+            "rows_read": self.rows_read,
+            "rows_rejected": self.rows_rejected,
+            "duplicates": self.duplicates,
+            "max_drift": round(self.max_drift, 6),
+            "max_drift_feature": worst[0] or None,
+            "gate": self.gate.summary,
+            "report": self.to_dict(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gate"] = {"passed": self.gate.passed, "reasons": self.gate.reasons}
+        data["classes"] = list(self.classes)
+        return data
+
+
+def build_report(
+    *,
+    version: str,
+    model: str,
+    threshold: float,
+    training_run_id: str,
+    classes: tuple[str, str],
+    reference: ReferenceProfile,
+    profile: BatchProfile,
+    rows_read: int,
+    duplicates: int,
+    rows_rejected: int,
+    gate: GateResult,
+    live_version: str | None = None,
+    live_score_counts: Sequence[int] | None = None,
+    seconds: Mapping[str, float] | None = None,
+    rejected_uri: str | None = None,
+) -> BatchReport:
+    return BatchReport(
+        version=version,
+        model=model,
+        threshold=threshold,
+        training_run_id=training_run_id,
+        classes=classes,
+        rows_read=rows_read,
+        rows_scored=profile.rows,
+        duplicates=duplicates,
+        rows_rejected=rows_rejected,
+        label_counts=list(profile.label_counts),
+        score_counts=list(profile.score_counts),
+        training_score_counts=list(reference.score_counts),
+        live_score_counts=list(live_score_counts) if live_score_counts else None,
+        live_version=live_version,
+        drift=profile.drift(reference),
+        gate=gate,
+        noise=max(profile.noise(reference).values(), default=0.0),
+        seconds=dict(seconds or {}),
+        rejected_uri=rejected_uri,
+    )
+
+
+def score_histogram_png(report: BatchReport) -> bytes:
+    """The positive-class probability of this batch beside the live version's and training's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centers = (np.arange(SCORE_BINS) + 0.5) / SCORE_BINS
+    width = 1 / SCORE_BINS
+    series = [("this batch", report.score_counts), ("training split", report.training_score_counts)]
+    if report.live_score_counts:
+        series.insert(1, (f"live ({report.live_version})", report.live_score_counts))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for offset, (label, counts) in enumerate(series):
+        total = sum(counts) or 1
+        ax.bar(
+            centers + (offset - (len(series) - 1) / 2) * width / len(series),
+            np.asarray(counts) / total,
+            width=width / len(series),
+            label=label,
+        )
+    ax.axvline(report.threshold, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlabel(f"probability of {report.classes[1]!r} (dashed: threshold)")
+    ax.set_ylabel("share of rows")
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def card_components(report: BatchReport) -> list[Any]:
+    """The batch flow's card: verdict, counts, drift table, score histogram, stage times."""
+    from metaflow.cards import Image, Markdown, Table
+
+    verdict = (
+        "**passed**" if report.gate.passed else "**BLOCKED**: " + "; ".join(report.gate.reasons)
+    )
+    shares = ", ".join(f"{c} {s:.1%}" for c, s in report.label_shares.items())
+    components: list[Any] = [
+        Markdown(
+            f"# Batch report: {report.version}\n"
+            f"Gate: {verdict}\n\n"
+            f"Model **{report.model}** (threshold {report.threshold:.4f}, training run "
+            f"`{report.training_run_id}`). Labels: {shares}."
+        ),
+        Table(
+            [
+                ["rows read", f"{report.rows_read:,}"],
+                ["rows scored (keys)", f"{report.rows_scored:,}"],
+                ["duplicate rows (written once)", f"{report.duplicates:,}"],
+                ["rows rejected", f"{report.rows_rejected:,}"],
+                ["largest feature PSI", f"{report.max_drift:.4f}"],
+                ["PSI from sampling alone at this size", f"{report.noise:.4f}"],
+            ]
+            + ([["rejected rows file", report.rejected_uri]] if report.rejected_uri else []),
+            headers=["", ""],
+        ),
+        Markdown("## Drift against the training rows (population stability index)"),
+        Table(
+            [
+                [name, f"{value:.4f}", _psi_reading(value)]
+                for name, value in list(report.drift.items())[:TOP_FEATURES]
+            ],
+            headers=["feature", "PSI", "reading"],
+        ),
+        Markdown("## Scores"),
+        Image(score_histogram_png(report), label="positive-class probability"),
+    ]
+    if report.seconds:
+        components += [
+            Markdown("## Time per stage (seconds, summed over shards)"),
+            Table([[k, f"{v:.2f}"] for k, v in report.seconds.items()], headers=["stage", "s"]),
+        ]
+    return components
+
+
+def _psi_reading(value: float) -> str:
+    if value < 0.1:
+        return "stable"
+    return "moderate shift" if value <= 0.25 else "large shift"

@@ -1,0 +1,112 @@
+"""The publish gate through the real flows: drift blocks, quarantine, promote, history."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import create_engine, select
+
+from batchscore.cli import main as cli
+from batchscore.online import OnlineStore
+from batchscore.store import ObjectStore
+from batchscore.tracking import batch_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.flows, pytest.mark.services]
+
+
+def start_flow(flow_file: str, env: dict[str, str], cwd: Path, **params):
+    """Run a flow to its end, successful or not: (status, run, output)."""
+    from metaflow import Runner
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    with Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd)).run(**params) as running:
+        return running.status, running.run, running.stdout + running.stderr
+
+
+def card_text(run, step: str) -> str:
+    """What a card shows: its components, which the HTML page carries base64-encoded."""
+    from metaflow.cards import get_cards
+
+    task = next(iter(run[step]))
+    found = (
+        re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', card.get()) for card in get_cards(task)
+    )
+    return "".join(base64.b64decode(data).decode() for datas in found for data in datas)
+
+
+def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
+    service_env, tmp_path, settings_for, monkeypatch
+):
+    settings = settings_for(service_env)
+    work = tmp_path / "work"
+    status, train, output = start_flow("train_models.py", service_env, work, cv_folds=3)
+    assert status == "successful", output
+    store = ObjectStore.from_settings(settings)
+    rows = pd.read_csv(io.BytesIO(store.get_bytes(train.data.data.batch_input_uri)))
+    status, first, output = start_flow("batch_processing.py", service_env, work)
+    assert status == "successful", output
+    online = OnlineStore.from_settings(settings)
+    live = online.current()
+    assert live == first.data.version
+
+    # Every value x 3: blocked. The pointer and the live keys stay; the run fails non-zero.
+    shifted = tmp_path / "shifted.csv"
+    (rows * 3).to_csv(shifted, index=False)
+    keys_before = sorted(online.client.scan_iter(match=f"{online.prefix}:{live}:*"))
+    status, blocked, output = start_flow(
+        "batch_processing.py", service_env, work, input_path=str(shifted)
+    )
+    assert status == "failed"
+    assert "drifted beyond PSI 0.25" in output
+    assert online.current() == live
+    assert sorted(online.client.scan_iter(match=f"{online.prefix}:{live}:*")) == keys_before
+    card = card_text(blocked, "ingest_redis")
+    assert "BLOCKED" in card and "mean radius" in card
+    version = blocked.data.version
+    engine = create_engine(service_env["BATCHSCORE_DATABASE_URL"])
+    with engine.connect() as conn:
+        row = conn.execute(select(batch_runs).where(batch_runs.c.redis_version == version)).one()
+    assert not row.published and row.gate.startswith("blocked") and row.max_drift > 1
+
+    # A person looked, and publishes it anyway: same checks, same atomic switch.
+    for name, value in service_env.items():
+        monkeypatch.setenv(name, value)
+    assert cli(["promote", version]) == 0
+    assert online.current() == version
+    assert cli(["rollback"]) == 0
+    assert online.current() == live
+    assert cli(["history"]) == 0
+
+    # Quarantine: 1% bad rows are set aside with their reasons; the rest is published...
+    messy = pd.concat([rows] * 9, ignore_index=True).astype(object)
+    bad = np.arange(0, len(messy), 100)
+    for n, row in enumerate(bad):
+        messy.iat[row, n % messy.shape[1]] = ["n/a", "", "inf"][n % 3]
+    path = tmp_path / "messy.csv"
+    messy.to_csv(path, index=False)
+    options = {"input_path": str(path), "bad_rows": "quarantine"}
+    status, loose, output = start_flow(
+        "batch_processing.py", service_env, work, max_bad_rows=0.02, **options
+    )
+    assert status == "successful", output
+    assert online.current() == loose.data.version
+    rejected = pd.read_csv(io.BytesIO(store.get_bytes(loose.data.plan.rejected_uri)))
+    assert rejected["row"].tolist() == (bad + 1).tolist()  # 1-based data rows
+    assert set(rejected["reason"]) == {"not a number", "missing value",
+                                       "not a finite number (NaN or inf)"}  # fmt: skip
+    assert loose.data.plan.rows_read - loose.data.plan.rows_rejected == len(messy) - len(bad)
+
+    # ...unless their share is over the limit.
+    status, strict, output = start_flow(
+        "batch_processing.py", service_env, work, max_bad_rows=0.005, **options
+    )
+    assert status == "failed"
+    assert "rows rejected" in output
+    assert online.current() == loose.data.version
