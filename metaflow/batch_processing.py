@@ -170,6 +170,7 @@ class BatchProcessingFlow(FlowSpec):
         self.rows_scored, self.keys_written = result.rows_scored, result.keys_written
         self.published = result.published
         self.gate = result.report.gate.summary if result.report else "not checked"
+        self.report = result.report.summary_lines() if result.report else {}
         if result.report:
             current.card.extend(card_components(result.report))
         self.next(self.end)
@@ -190,7 +191,10 @@ class BatchProcessingFlow(FlowSpec):
                 "published": self.published,
                 "rows scored": self.rows_scored,
                 "keys written": self.keys_written,
+                **self.report,
                 "gate": self.gate,
+                "card": f"python metaflow/batch_processing.py card get {current.run_id}"
+                "/ingest_redis card.html",
             },
         )
         if self.gate.startswith("blocked"):

@@ -64,6 +64,15 @@ class BatchReport:
             "report": self.to_dict(),
         }
 
+    def summary_lines(self) -> dict[str, str]:
+        """The card's headline figures, for the flow's last step to print."""
+        worst = next(iter(self.drift), "-")
+        return {
+            "rows read / rejected": f"{self.rows_read:,} / {self.rows_rejected:,}",
+            "labels": ", ".join(f"{c} {s:.1%}" for c, s in self.label_shares.items()),
+            "largest drift (PSI)": f"{self.max_drift:.3f} ({worst})",
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["gate"] = {"passed": self.gate.passed, "reasons": self.gate.reasons}
