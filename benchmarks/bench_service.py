@@ -14,8 +14,8 @@ package `hey`) at fixed rates:
   * 100-row `lookup` from raw features at 200 req/s;
   * the same lookups at 200 req/s from a Python generator that checks every answer, while a
     new version is published (stage, write, publish, retire: the batch flow's path), the
-    pointer is switched back (a rollback: an atomic SET of `{prefix}:current`, as
-    `python -m batchscore rollback` will do) and a third version is published (which
+    pointer is switched back (`OnlineStore.rollback`, what `python -m batchscore rollback`
+    runs) and a third version is published (which
     retires the first one while readers may still hold it).
 
 Each scenario runs `--repeat` times; the table shows medians (and the range) of p50, p99 and
@@ -285,10 +285,9 @@ def main() -> None:
             )
             load.start()
             time.sleep(1)
-            current = store.current()
             second, took = publish(store, keys, 10 * repeat + 2)
             time.sleep(1)
-            client.set(store.pointer, current)  # rollback: the pointer back, atomically
+            store.rollback()  # `python -m batchscore rollback`: the pointer back, atomically
             time.sleep(1)
             third, took3 = publish(store, keys, 10 * repeat + 3)
             time.sleep(1)
