@@ -527,6 +527,7 @@ def _report(
     rows_read = plan.rows_read if plan else sum(r.rows_scored for r in results)
     rejected = plan.rows_rejected if plan else 0
     drift = profile.drift(reference)
+    noise = profile.noise(reference)
     live = online.current()
     live_counts = online.client.hget(online.manifest(live), "score_counts") if live else None
     seconds: dict[str, float] = {}
@@ -541,6 +542,8 @@ def _report(
         classes=bundle.classes,
         reference=reference,
         profile=profile,
+        drift=drift,
+        noise=max(noise.values(), default=0.0),
         rows_read=rows_read,
         duplicates=sum(r.duplicates for r in results),
         rows_rejected=rejected,
@@ -550,7 +553,7 @@ def _report(
             rejected,
             limits.max_drift,
             limits.max_bad_rows,
-            profile.noise(reference),
+            noise,
         ),
         live_version=live,
         live_score_counts=json.loads(live_counts) if live_counts else None,
