@@ -469,18 +469,17 @@ def publish(
         "rows_rejected": plan.rows_rejected if plan else 0,
         "duplicates": sum(r.duplicates for r in results),
     }
-    # What `promote` needs to publish this version later with the same checks.
-    online.annotate(version, {"keys_expected": keys, "shards_expected": len(results)})
+    # What `promote` needs to publish this version later with the same checks, and the
+    # gate's verdict (the next batch's report compares its scores with `score_counts`).
+    fields: dict[str, object] = {"keys_expected": keys, "shards_expected": len(results)}
     if report is not None:
         record.update(report.summary())
-        online.annotate(
-            version,
-            {
-                "gate": report.gate.summary,
-                "max_drift": round(report.max_drift, 6),
-                "score_counts": report.score_counts,
-            },
+        fields.update(
+            gate=report.gate.summary,
+            max_drift=round(report.max_drift, 6),
+            score_counts=report.score_counts,
         )
+    online.annotate(version, fields)
     with Tracker(settings.resolved_database_url) as tracker:
         # Recorded before the switch: a live version always has its lineage row.
         tracker.record_batch(run_id, record)
