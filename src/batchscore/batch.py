@@ -10,7 +10,6 @@ use them, so a step pays only for what it does (`python -X importtime` to check)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -132,32 +131,26 @@ def find_models(which: str, settings: Settings) -> list[ModelRecord]:
 def fetch_models(which: str | Sequence[ModelRecord], settings: Settings) -> ModelFiles:
     """The recorded champion (or all models) read from the store by their recorded URIs,
     each refused unless its SHA-256 matches the record; nothing deserialised."""
+    from batchscore.models import verify_sha256
     from batchscore.store import ObjectStore
 
     records = find_models(which, settings) if isinstance(which, str) else list(which)
     blobs = [ObjectStore.read_uri(r.model_uri, settings) for r in records]
     for record, blob in zip(records, blobs, strict=True):
-        if hashlib.sha256(blob).hexdigest() != record.model_sha256:
-            from batchscore.models import load_model
-
-            load_model(blob, record.model_sha256, record.model_uri)  # raises IntegrityError
+        verify_sha256(blob, record.model_sha256, record.model_uri)
     return ModelFiles(records, blobs, _fetch_profile(records[0], settings))
 
 
 def _fetch_profile(record: ModelRecord, settings: Settings) -> bytes | None:
     """The champion's training profile, refused unless its SHA-256 matches the record."""
+    from batchscore.models import verify_sha256
     from batchscore.store import ObjectStore
 
     if not record.profile_uri:
         log.warning("%s recorded no reference profile: drift is not checked", record.model)
         return None
     data = ObjectStore.read_uri(record.profile_uri, settings)
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != record.profile_sha256:
-        raise ValueError(
-            f"{record.profile_uri}: SHA-256 {actual} does not match the recorded "
-            f"{record.profile_sha256}; refusing to use it"
-        )
+    verify_sha256(data, record.profile_sha256, record.profile_uri)
     return data
 
 

@@ -298,18 +298,23 @@ class IntegrityError(RuntimeError):
     """A stored model's bytes are not the ones the database recorded."""
 
 
-def load_model(data: bytes, expected_sha256: str, uri: str = "model") -> Any:
-    """Deserialise only after the bytes match the recorded SHA-256.
-
-    joblib (pickle) runs code while loading, so a model file is trusted only because
-    its hash matches what the training run recorded in the database.
-    """
+def verify_sha256(data: bytes, expected_sha256: str | None, uri: str) -> None:
+    """Raise `IntegrityError` unless the bytes are the ones the database recorded."""
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise IntegrityError(
             f"{uri}: SHA-256 {actual} does not match the recorded {expected_sha256}; "
             "refusing to load it"
         )
+
+
+def load_model(data: bytes, expected_sha256: str, uri: str = "model") -> Any:
+    """Deserialise only after the bytes match the recorded SHA-256.
+
+    joblib (pickle) runs code while loading, so a model file is trusted only because
+    its hash matches what the training run recorded in the database.
+    """
+    verify_sha256(data, expected_sha256, uri)
     import joblib
 
     return joblib.load(io.BytesIO(data))
