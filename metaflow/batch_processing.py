@@ -7,17 +7,17 @@ Shards are scored in parallel (one per core locally; one pod each on Kubernetes)
 staged Redis version; `ingest_redis` switches readers to it once every shard landed.
 
 Every step is a fresh process: each imports only what it uses, inside the step, so the
-steps around the foreach cost little more than Metaflow's own start-up.
+steps around the foreach cost little more than Metaflow's own start-up (the file itself
+imports nothing heavy: the launcher and the card process import it too).
 """
 
 import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
-from batchscore.config import Settings
 from batchscore.fail_fast import fail_fast
-from batchscore.preflight import require_services
+from batchscore.retries import step_retries
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
-RETRIES = Settings().step_retries
+RETRIES = step_retries()
 
 
 class BatchProcessingFlow(FlowSpec):
@@ -62,7 +62,9 @@ class BatchProcessingFlow(FlowSpec):
         """Stop now if a service is unreachable; name the version (sortable by start time);
         find the input and the recorded models."""
         from batchscore.batch import default_input, find_models
+        from batchscore.config import Settings
         from batchscore.online import new_version
+        from batchscore.preflight import require_services
 
         settings = Settings()
         require_services(settings)
@@ -72,17 +74,6 @@ class BatchProcessingFlow(FlowSpec):
         self.records = find_models(self.models, settings)
         self.model_name = self.records[0].model
         self.feature_columns = self.records[0].feature_columns
-        self.next(self.load_model)
-
-    @retry(times=RETRIES)
-    @fail_fast
-    @step
-    def load_model(self):
-        """The models' bytes, each checked against its SHA-256 (deserialised by the shard
-        tasks: the only steps that need scikit-learn)."""
-        from batchscore.batch import fetch_models
-
-        self.model_files = fetch_models(self.records, Settings())
         self.next(self.load_data)
 
     @resources(cpu=1, memory=4096)
@@ -90,12 +81,16 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def load_data(self):
-        """Validate every input row against the model's schema, cut it into shards (one per
-        core unless `--shard_rows`), then stage the run's version."""
-        from batchscore.batch import plan_shards, stage
+        """Load the models' bytes (each checked against its SHA-256; deserialised only by
+        the shard tasks, the steps that need scikit-learn), validate every input row
+        against their schema, cut it into shards (one per core unless `--shard_rows`),
+        then stage the run's version."""
+        from batchscore.batch import fetch_models, plan_shards, stage
+        from batchscore.config import Settings
         from batchscore.online import ttl_seconds
 
         settings = Settings()
+        self.model_files = fetch_models(self.records, settings)
         self.plan = plan_shards(
             self.input_uri,
             self.feature_columns,
@@ -123,6 +118,7 @@ class BatchProcessingFlow(FlowSpec):
     def batch_processing(self):
         """One shard: deserialise the models, key, predict, write under the staged version."""
         from batchscore.batch import score_shard
+        from batchscore.config import Settings
         from batchscore.online import ttl_seconds
         from batchscore.sizing import scoring_threads, step_cores
 
@@ -148,6 +144,7 @@ class BatchProcessingFlow(FlowSpec):
         switch readers to the new version; the batch report is this step's card."""
         from batchscore.batch import GateLimits, publish
         from batchscore.batch_report import card_components
+        from batchscore.config import Settings
 
         self.merge_artifacts(
             inputs,

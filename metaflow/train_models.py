@@ -21,11 +21,12 @@ from batchscore.models import (
 )
 from batchscore.preflight import require_services
 from batchscore.report import card_components, print_mapping, print_metrics
+from batchscore.retries import step_retries
 from batchscore.training import evaluate_all, prepare_data, save_training
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
-RETRIES = Settings().step_retries
+RETRIES = step_retries()
 
 
 class TrainModelsFlow(FlowSpec):

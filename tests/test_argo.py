@@ -34,7 +34,7 @@ TRAIN_STEPS = {
     "store_results",
     "end",
 }
-BATCH_STEPS = {"start", "load_model", "load_data", "batch_processing", "ingest_redis", "end"}
+BATCH_STEPS = {"start", "load_data", "batch_processing", "ingest_redis", "end"}
 
 
 @pytest.fixture
@@ -209,5 +209,5 @@ def test_batch_processing_compiles_for_argo(argo_env: dict[str, str], tmp_path: 
     check_resources(by_step["batch_processing"], cpu=2, memory_mb=4096)
     check_resources(by_step["load_data"], cpu=1, memory_mb=4096)
     assert by_step["batch_processing"]["activeDeadlineSeconds"] == 2 * 3600
-    for name in ("load_model", "load_data", "batch_processing", "ingest_redis"):
+    for name in ("start", "load_data", "batch_processing", "ingest_redis"):
         check_retries(by_step[name], 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,41 @@ def test_env_example_derives_every_copy_of_a_secret(tmp_path, monkeypatch):
         settings.database_url == "postgresql+psycopg2://batchscore:db-1@localhost:5432/batchscore"
     )
     assert settings.home == (project / ".batchscore").resolve()
+
+
+@pytest.mark.parametrize(
+    ("environment", "dotenv", "expected"),
+    [
+        ({}, None, 2),
+        ({"BATCHSCORE_STEP_RETRIES": "0"}, "BATCHSCORE_STEP_RETRIES=3\n", 0),
+        ({}, "BATCHSCORE_STEP_RETRIES=3\n", 3),
+        ({"BATCHSCORE_STEP_RETRIES": ""}, "BATCHSCORE_STEP_RETRIES=1\n", 1),  # empty: unset
+        ({"batchscore_step_retries": "4"}, None, 4),  # any letter case, as Settings reads
+        ({}, "BATCHSCORE_STEP_RETRIES=\n", 2),
+    ],
+)
+def test_flows_read_step_retries_as_settings_does(
+    tmp_path, monkeypatch, environment, dotenv, expected
+):
+    from batchscore.retries import step_retries
+
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.upper() == "BATCHSCORE_STEP_RETRIES"]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    if dotenv is not None:
+        Path(".env").write_text(dotenv)
+    assert step_retries() == Settings().step_retries == expected
+
+
+@pytest.mark.parametrize("value", ["5", "-1", "two"])
+def test_bad_step_retries_is_refused_naming_the_variable(tmp_path, monkeypatch, value):
+    from batchscore.retries import step_retries
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BATCHSCORE_STEP_RETRIES", value)
+    with pytest.raises(ValueError, match="BATCHSCORE_STEP_RETRIES"):
+        step_retries()
+    with pytest.raises(ValueError):
+        Settings()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from batchscore import data
@@ -119,6 +120,18 @@ def test_iter_frames_batches(tmp_path, suffix):
     pd.testing.assert_frame_equal(pd.concat(frames, ignore_index=True), table)
     assert [len(f) for f in iter_frames(source, batch_rows=25)] == [25]
     assert [len(f) for f in iter_frames(source, batch_rows=100)] == [25]
+
+
+def test_parquet_batches_cut_across_row_groups(tmp_path):
+    # Row groups of 7 regrouped into batches of 10 (and one larger than the file): every
+    # row once, in order, whatever the two sizes.
+    table = pa.table({"x1": np.arange(25.0), "x2": np.arange(25.0) * 2})
+    path = tmp_path / "groups.parquet"
+    pq.write_table(table, path, row_group_size=7)
+    for batch_rows, sizes in ((10, [10, 10, 5]), (7, [7, 7, 7, 4]), (100, [25])):
+        batches = list(data.iter_tables(str(path), batch_rows=batch_rows))
+        assert [b.num_rows for b in batches] == sizes
+        assert pa.concat_tables(batches).equals(table)
 
 
 def test_csv_batches_across_read_blocks(tmp_path, monkeypatch):
@@ -356,6 +369,16 @@ def test_feature_table_names_the_first_bad_row_and_column(bad):
     table = pa.table(columns)
     with pytest.raises(InputError, match=r"rows.parquet: column 'c', row 12: .*not a finite"):
         data.to_feature_table(table, COLUMNS, "rows.parquet", first_row=11)
+
+
+def test_feature_table_finds_the_first_bad_row_in_a_later_chunk():
+    # Columns in several chunks (a Parquet file's row groups): the row is counted across
+    # chunks, and the earliest bad row wins over a bad cell in an earlier column.
+    a = pa.chunked_array([[1.0, 2.0], [3.0, np.nan]])
+    b = pa.chunked_array([[1.0], [2.0, np.inf, 4.0]])
+    c = pa.chunked_array([[0.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(InputError, match=r"column 'b', row 3: inf"):
+        data.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
 
 
 def test_feature_table_text_columns_get_the_frame_checks():

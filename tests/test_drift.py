@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchscore.drift import BatchProfile, ReferenceProfile, psi
+from batchscore.drift import BatchProfile, ReferenceProfile, bin_counts, psi
 from batchscore.gate import check
 
 
@@ -107,3 +107,12 @@ def test_gate_rejects_nonsense_limits():
         check({}, 1, 0, 0.25, 1.5)
     with pytest.raises(ValueError, match="max_drift"):
         check({}, 1, 0, -1, 0)
+
+
+def test_bin_counts_match_searchsorted_bins():
+    # Right-closed cuts: a value equal to an edge falls in the bin below it; NaN last.
+    rng = np.random.default_rng(3)
+    for edges in ([], [0.5], np.unique(rng.random(9)), [0.2, 0.2000001, 0.9]):
+        values = np.r_[rng.random(500), edges, [0.0, 1.0, np.nan]]
+        expected = np.bincount(np.searchsorted(edges, values), minlength=len(edges) + 1)
+        assert bin_counts(values, edges).tolist() == expected.tolist()

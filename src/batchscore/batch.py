@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
     from batchscore.batch_report import BatchReport
     from batchscore.drift import ReferenceProfile
+    from batchscore.model_record import ModelRecord
     from batchscore.online import OnlineStore
     from batchscore.scoring import LoadedModel
-    from batchscore.tracking import ModelRecord
 
 log = logging.getLogger(__name__)
 

@@ -20,19 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# What marks the project's folder, as `.metaflow` marks Metaflow's local datastore.
-PROJECT_MARKERS = ("pyproject.toml", ".git", ".env")
+from batchscore.project import PROJECT_MARKERS, project_root
 
-
-def project_root(start: Path | None = None) -> Path:
-    """The nearest folder, from `start` (the working directory) up, that holds
-    pyproject.toml, .git or .env; `start` itself when none does (an installed package
-    used from any folder)."""
-    start = (start or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        if any((folder / marker).exists() for marker in PROJECT_MARKERS):
-            return folder
-    return start
+__all__ = ["PROJECT_MARKERS", "Settings", "mask_url", "project_root"]
 
 
 def mask_url(url: str) -> str:
@@ -72,7 +62,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_prefix: str = "predictions"
     id_column: str | None = None
-    # Metaflow @retry count for the I/O steps; fault tests set 0 to fail fast.
+    # Metaflow @retry count for the I/O steps; fault tests set 0 to fail fast. The flows
+    # read it with `retries.step_retries()` (no pydantic), which honours these bounds.
     step_retries: int = Field(2, ge=0, le=4)  # Metaflow allows at most 4
     # Threads each scoring task gives the models' OpenMP/BLAS pools (unset: the flow sizes
     # them, cores / concurrent tasks; see sizing.py). Set: this value wins.

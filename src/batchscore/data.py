@@ -15,10 +15,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -26,6 +26,9 @@ import pyarrow.parquet as pq
 
 from batchscore.config import Settings
 from batchscore.store import ObjectStore, StoreError
+
+if TYPE_CHECKING:  # imported where used: the batch flow's `load_data` needs no pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +256,8 @@ def read_frame(
     source: str, settings: Settings | None = None, text_columns: Sequence[str] = ()
 ) -> pd.DataFrame:
     """The whole table as one DataFrame (for training-sized data)."""
+    import pandas as pd
+
     frames = list(iter_frames(source, settings, text_columns=text_columns))
     if not frames:
         raise InputError(f"{source}: the table has a header but no rows")
@@ -260,13 +265,27 @@ def read_frame(
 
 
 def _parquet_tables(path: Path, source: str, batch_rows: int) -> Iterator[pa.Table]:
+    """Row groups decoded whole (columns in parallel, ~2x faster here than
+    `iter_batches`), regrouped into tables of `batch_rows` without copying; memory
+    follows the batch plus one row group."""
     try:
-        # pre_buffer=False: row groups already read are not kept, so memory follows the batch.
         parquet = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{source}: not a readable Parquet file: {exc}") from exc
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        yield pa.Table.from_batches([batch])
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group)
+        while table.num_rows:
+            take = min(batch_rows - pending_rows, table.num_rows)
+            pending.append(table.slice(0, take))
+            pending_rows += take
+            table = table.slice(take)
+            if pending_rows == batch_rows:
+                yield pa.concat_tables(pending)
+                pending, pending_rows = [], 0
+    if pending_rows:
+        yield pa.concat_tables(pending)
 
 
 _ARROW_CELL_ERROR = re.compile(r"column #(\d+): Row #(\d+): (.*)", re.DOTALL)
@@ -424,6 +443,8 @@ def to_feature_frame(
     Columns beyond the features (and `allowed_extra`, such as the id column) are ignored
     with a warning: a scoring table often carries labels or metadata beside its features.
     """
+    import pandas as pd
+
     _check_columns(list(frame.columns), feature_columns, source, first_row, allowed_extra)
     features = frame.loc[:, list(feature_columns)]
     for column in feature_columns:
@@ -461,13 +482,19 @@ def to_feature_table(
         features = table.select(list(feature_columns)).to_pandas()
         frame = to_feature_frame(features, feature_columns, source, first_row)
         return pa.Table.from_pandas(frame, preserve_index=False)
-    # Like pandas, integers beyond 2**53 round to the nearest float64.
-    columns = [pc.cast(c, pa.float64(), safe=False).combine_chunks() for c in columns]
+    # Like pandas, integers beyond 2**53 round to the nearest float64. The check reads
+    # each chunk in place: no copy of the table is made when it is already float64.
+    columns = [pc.cast(c, pa.float64(), safe=False) for c in columns]
     first_bad: tuple[int, int] | None = None
     for index, column in enumerate(columns):
-        bad = np.flatnonzero(~np.isfinite(column.to_numpy(zero_copy_only=False)))
-        if len(bad) and (first_bad is None or bad[0] < first_bad[0]):
-            first_bad = (int(bad[0]), index)
+        offset = 0
+        for chunk in column.chunks:
+            bad = np.flatnonzero(~np.isfinite(chunk.to_numpy(zero_copy_only=False)))
+            if len(bad):
+                if first_bad is None or offset + bad[0] < first_bad[0]:
+                    first_bad = (offset + int(bad[0]), index)
+                break
+            offset += len(chunk)
     if first_bad is not None:
         row, index = first_bad
         value = columns[index][row].as_py()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from batchscore.model_record import ModelRecord
 
 metadata = MetaData()
 
@@ -104,23 +105,6 @@ batch_runs = Table(
 
 class TrackingError(RuntimeError):
     """The database cannot be reached or holds no record the caller needs."""
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """Where a trained model lives and how to check it: what the batch flow loads."""
-
-    training_run_id: str
-    model: str
-    model_uri: str
-    model_sha256: str
-    feature_columns: list[str]
-    classes: tuple[str, str]  # (negative, positive): label 0 and label 1
-    is_champion: bool
-    threshold: float = 0.5  # label 1 when the positive-class probability reaches it
-    # The training run's reference profile for the drift gate (None: recorded before it).
-    profile_uri: str | None = None
-    profile_sha256: str | None = None
 
 
 class Tracker:
