@@ -149,7 +149,12 @@ def score_histogram_spec(report: BatchReport) -> dict[str, Any]:
                     },
                     "xOffset": {"field": "series", "sort": order},
                     "y": {"field": "share", "type": "quantitative", "title": "share of rows"},
-                    "color": {"field": "series", "sort": order, "title": None},
+                    "color": {
+                        "field": "series",
+                        "sort": order,
+                        "title": None,
+                        "scale": {"scheme": "category10"},
+                    },
                     "tooltip": [
                         {"field": "series"},
                         {"field": "from", "title": "bin start"},
