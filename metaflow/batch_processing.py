@@ -63,8 +63,8 @@ class BatchProcessingFlow(FlowSpec):
         find the input and the recorded models."""
         from batchscore.batch import default_input, find_models
         from batchscore.config import Settings
-        from batchscore.online import new_version
         from batchscore.preflight import require_services
+        from batchscore.versions import new_version
 
         settings = Settings()
         require_services(settings)

@@ -19,7 +19,6 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from redis.retry import Retry
 from batchscore.config import Settings
 from batchscore.embedded_redis import ensure_server
 from batchscore.keys import id_keys, row_keys
+from batchscore.versions import new_version  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # pandas and the table readers cost every batch-flow step 0.3 s to import
     import pandas as pd
@@ -200,13 +200,6 @@ def connect(settings: Settings) -> redis.Redis:
         )
     socket = ensure_server(settings.embedded_redis_path)
     return redis.Redis(unix_socket_path=str(socket), retry=retry, retry_on_error=errors)
-
-
-def new_version(run_id: str, at: datetime | None = None) -> str:
-    """Sortable by start time, so an older run can never overwrite a newer pointer."""
-    at = at or datetime.now(UTC)
-    tag = re.sub(r"[^A-Za-z0-9_-]+", "-", run_id).strip("-")
-    return f"{at:%Y%m%dT%H%M%S%f}Z-{tag}"
 
 
 def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:

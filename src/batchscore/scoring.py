@@ -73,18 +73,20 @@ def encode(outputs: Sequence[Scored], classes: tuple[str, str]) -> pa.StringArra
     rounded to 6 decimals and written in their shortest form (`1`, `0.25`, `0.981234`).
     """
     champion, labels, proba = outputs[0]
+    # Each model's probabilities as text once: the champion's appear twice in a value.
+    numbers = [_number(model_proba, model.name) for model, _, model_proba in outputs]
     # The text before each probability depends only on the label: two strings, picked per
     # row by `take`, so that the label and class need no per-row formatting at all.
     heads = [f'{{"label":{i},"class":{json.dumps(c)},"proba":' for i, c in enumerate(classes)]
     parts: list[Any] = [
         pa.array(heads, pa.string()).take(pa.array(labels)),
-        _number(proba, champion.name),
+        numbers[0],
         f',"threshold":{_threshold(champion)},"model":{json.dumps(champion.name)}'
         f',"model_version":"{champion.version}"',
     ]
     if len(outputs) > 1:
         parts.append(',"models":{')
-        for i, (model, model_labels, model_proba) in enumerate(outputs):
+        for i, (model, model_labels, _) in enumerate(outputs):
             name = ("," if i else "") + json.dumps(model.name)
             heads = [
                 f'{name}:{{"label":{label},"class":{json.dumps(c)},"proba":'
@@ -92,7 +94,7 @@ def encode(outputs: Sequence[Scored], classes: tuple[str, str]) -> pa.StringArra
             ]
             parts += [
                 pa.array(heads, pa.string()).take(pa.array(model_labels)),
-                _number(model_proba, model.name),
+                numbers[i],
                 f',"threshold":{_threshold(model)},"model_version":"{model.version}"}}',
             ]
         parts.append("}")
