@@ -4,25 +4,15 @@
     python metaflow/train_models.py run --dataset my.csv --target label
     python metaflow/train_models.py card get evaluate card.html   # the evaluation card, as HTML
 
-Every step is a few lines; the work lives in `src/batchscore`.
+Every step is a few lines; the work lives in `src/batchscore`. Each step is a process of
+its own and imports what it uses inside the step (the launcher and the card process import
+this file too): pandas, scikit-learn and matplotlib load only where a step needs them.
 """
 
 import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
-from batchscore.config import Settings
 from batchscore.fail_fast import fail_fast
-from batchscore.models import (
-    BRANCH_CPUS,
-    DEFAULT_THRESHOLD_METRIC,
-    MODEL_NAMES,
-    THRESHOLD_METRICS,
-    check_threshold_metric,
-    choose_champion,
-    train_model,
-)
-from batchscore.preflight import require_services
-from batchscore.report import card_components, print_mapping, print_metrics
+from batchscore.models import BRANCH_CPUS, DEFAULT_THRESHOLD_METRIC, MODEL_NAMES, THRESHOLD_METRICS
 from batchscore.retries import step_retries
-from batchscore.training import evaluate_all, prepare_data, save_training
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
@@ -54,6 +44,11 @@ class TrainModelsFlow(FlowSpec):
     @step
     def start(self):
         """Say where data, metrics and models will go; stop now if a service is unreachable."""
+        from batchscore.config import Settings
+        from batchscore.models import check_threshold_metric
+        from batchscore.preflight import require_services
+        from batchscore.report import print_mapping
+
         check_threshold_metric(self.threshold_metric)
         print_mapping("batchscore services", Settings().describe())
         require_services(Settings())
@@ -64,6 +59,9 @@ class TrainModelsFlow(FlowSpec):
     @step
     def load_and_prepare_data(self):
         """Load, split, and publish the test split as the batch flow's default input."""
+        from batchscore.config import Settings
+        from batchscore.training import prepare_data
+
         self.data = prepare_data(
             self.dataset,
             self.target or None,
@@ -81,6 +79,8 @@ class TrainModelsFlow(FlowSpec):
     @step
     def train_model(self):
         """One branch per model: grid search, then its threshold, by cross-validation."""
+        from batchscore.models import train_model
+
         self.trained = train_model(
             self.input,
             self.data.train_features,
@@ -103,12 +103,17 @@ class TrainModelsFlow(FlowSpec):
     def evaluate(self):
         """Test-split metrics and figures; the champion is chosen by CV, not by these."""
         from batchscore.evaluation import metrics_only  # matplotlib: this step only
+        from batchscore.models import choose_champion
+        from batchscore.report import card_components
+        from batchscore.training import evaluate_all, reference_profile
 
         results, self.pngs = evaluate_all(self.trained, self.data)
         self.metrics = metrics_only(results)
         self.cv_scores = {name: model.cv_score for name, model in self.trained.items()}
         self.thresholds = {name: model.threshold for name, model in self.trained.items()}
         self.champion = choose_champion(self.trained)
+        # The drift gate's yardstick, built here where the models are already loaded.
+        self.profile = reference_profile(self.trained[self.champion], self.data)
         current.card.extend(
             card_components(
                 self.metrics, self.cv_scores, self.champion, self.pngs, self.data.classes[1]
@@ -120,6 +125,9 @@ class TrainModelsFlow(FlowSpec):
     @step
     def store_results(self):
         """Models and plots to the store, metrics and the champion to the database."""
+        from batchscore.config import Settings
+        from batchscore.training import save_training
+
         saved = save_training(
             f"{current.flow_name}/{current.run_id}",
             self.trained,
@@ -129,6 +137,7 @@ class TrainModelsFlow(FlowSpec):
             self.data,
             Settings(),
             self.target or None,
+            self.profile,
         )
         self.model_uris, self.plot_uris = saved.model_uris, saved.plot_uris
         self.next(self.end)
@@ -136,6 +145,8 @@ class TrainModelsFlow(FlowSpec):
     @step
     def end(self):
         """The summary: every model's metrics and the champion."""
+        from batchscore.report import print_mapping, print_metrics
+
         print_metrics(self.metrics, self.cv_scores, self.champion)
         print_mapping("thresholds", self.thresholds)  # label 1: proba >= threshold
         print(f"champion: {self.champion} -> {self.model_uris[self.champion]}")

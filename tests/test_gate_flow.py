@@ -69,6 +69,8 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     assert sorted(online.client.scan_iter(match=f"{online.prefix}:{live}:*")) == keys_before
     card = card_text(blocked, "ingest_redis")
     assert "BLOCKED" in card and "mean radius" in card
+    # The score histogram is a Vega-Lite chart the card's own script draws (offline).
+    assert '"type": "vegaChart"' in card and "this batch" in card and "training split" in card
     version = blocked.data.version
     engine = create_engine(service_env["BATCHSCORE_DATABASE_URL"])
     with engine.connect() as conn:

@@ -290,3 +290,65 @@ def test_one_flipped_byte_is_refused(small_data):
     tampered[len(tampered) // 2] ^= 0x01
     with pytest.raises(IntegrityError):
         load_model(bytes(tampered), sha256)
+
+
+def test_threshold_metrics_equal_scikit_learns_degenerate_folds_included():
+    # The threshold search scores 100 cut-offs per fold with these (scikit-learn's own
+    # functions cost ~4 ms a call there); they must give scikit-learn's values exactly.
+    import warnings
+
+    from sklearn import metrics
+
+    from batchscore.threshold_metrics import METRICS
+
+    reference = {
+        "f1": metrics.f1_score,
+        "balanced_accuracy": metrics.balanced_accuracy_score,
+        "matthews_corrcoef": metrics.matthews_corrcoef,
+        "accuracy": metrics.accuracy_score,
+    }
+    assert set(METRICS) == set(THRESHOLD_METRICS)
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 2, 40), rng.integers(0, 2, 40)) for _ in range(100)]
+    three = np.r_[np.ones(3, int), np.zeros(7, int)]
+    cases += [
+        (np.zeros(10, int), np.zeros(10, int)),  # one class, all predicted negative
+        (np.ones(10, int), np.ones(10, int)),
+        (np.zeros(10, int), np.ones(10, int)),
+        (three, np.zeros(10, int)),  # nothing predicted positive
+        (three, np.ones(10, int)),  # everything predicted positive
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns on the degenerate folds
+        for name, function in METRICS.items():
+            for truth, predicted in cases:
+                assert function(truth, predicted) == pytest.approx(
+                    reference[name](truth, predicted), abs=1e-12
+                ), (name, truth, predicted)
+
+
+def test_trained_model_travels_as_its_store_bytes_and_loads_on_first_use(tmp_path):
+    # The training flow's join and store steps unpickle every branch's model: that must not
+    # import scikit-learn, and the bytes stored are the very ones the branch dumped.
+    import subprocess
+    import sys
+
+    data = load_dataset("breast_cancer")
+    trained = train_model("logreg", data.features, data.labels, cv_folds=3, n_jobs=1)
+    blob, sha = trained.joblib_bytes()
+    path = tmp_path / "trained.pickle"
+    path.write_bytes(pickle.dumps(pickle.loads(pickle.dumps(trained))))  # via a join
+    check = (
+        "import pickle, sys; m = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "loaded = sorted(n for n in sys.modules if n.split('.')[0] in ('sklearn', 'xgboost')); "
+        "print(m.joblib_bytes()[1], loaded)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check, str(path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [sha, "[]"]
+    again = pickle.loads(path.read_bytes())
+    assert again.joblib_bytes() == (blob, sha)
+    np.testing.assert_array_equal(
+        again.estimator.predict_proba(data.features), trained.estimator.predict_proba(data.features)
+    )

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORE_BLOCK_ROWS = 50000  # rows per predict call and Redis hand-off inside a shard
+SCORE_BLOCK_ROWS = 50_000  # rows per predict call and Redis hand-off inside a shard
 
 
 @dataclass(frozen=True)

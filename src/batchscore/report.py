@@ -12,18 +12,17 @@ from rich.table import Table
 def metrics_rows(
     metrics: Mapping[str, Mapping[str, float]], cv_scores: Mapping[str, float], champion: str
 ) -> list[list[str]]:
-    """Header plus one row per model, best cross-validated score first."""
-    # Imported here: evaluation pulls in matplotlib and scikit-learn, which the batch
-    # flow's `end` step (print_mapping) does not need.
-    from batchscore.evaluation import METRIC_NAMES
-
-    header = ["model", "cv roc_auc", *METRIC_NAMES, "champion"]
+    """Header plus one row per model, best cross-validated score first; the metric columns
+    in the order `evaluation.metrics_only` gives them (not imported: it loads matplotlib
+    and scikit-learn, which the flows' `end` steps need nothing of)."""
+    names = list(next(iter(metrics.values()), {}))
+    header = ["model", "cv roc_auc", *names, "champion"]
     order = sorted(metrics, key=lambda m: (-cv_scores.get(m, 0.0), m))
     rows = [
         [
             name,
             f"{cv_scores.get(name, float('nan')):.4f}",
-            *(f"{metrics[name][k]:.4f}" for k in METRIC_NAMES),
+            *(f"{metrics[name][k]:.4f}" for k in names),
             "*" if name == champion else "",
         ]
         for name in order

@@ -12,7 +12,7 @@ import pandas as pd
 from batchscore.config import Settings
 from batchscore.data import Dataset, load_dataset
 from batchscore.drift import ReferenceProfile
-from batchscore.models import TrainedModel, dump_model
+from batchscore.models import TrainedModel
 from batchscore.store import ObjectStore
 from batchscore.tracking import Tracker
 
@@ -116,17 +116,19 @@ def save_training(
     data: PreparedData,
     settings: Settings,
     target: str | None = None,
+    profile: ReferenceProfile | None = None,
 ) -> SavedTraining:
     """Models and plots to the store, then metrics and the champion to the database.
 
     Store first: a database row never points at an object that is not there yet.
+    `profile`: the champion's `reference_profile`, when the caller already built it.
     """
     store = ObjectStore.from_settings(settings)
     folder = run_id.replace("/", "-")
     rows: dict[str, dict[str, Any]] = {}
     model_uris: dict[str, str] = {}
     for name, model in trained.items():
-        blob, sha256 = dump_model(model.estimator)
+        blob, sha256 = model.joblib_bytes()
         model_uris[name] = store.put_bytes(f"models/{folder}/{name}.joblib", blob)
         rows[name] = {
             **metrics[name],
@@ -138,7 +140,7 @@ def save_training(
         }
     plot_uris = {file: store.put_bytes(f"plots/{folder}/{file}", png) for file, png in pngs.items()}
     # The yardstick for the batch flow's drift gate, stored and checked like a model.
-    profile = reference_profile(trained[champion], data)
+    profile = profile or reference_profile(trained[champion], data)
     profile_uri = store.put_bytes(f"models/{folder}/profile.json", profile.to_json())
     run = {
         "dataset": data.dataset,
