@@ -63,8 +63,9 @@ def planned(tmp_path, redis_url, redis_prefix, settings_for):
 
 
 @pytest.mark.services
-def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client):
+def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client, monkeypatch):
     rows, shards, settings = planned
+    monkeypatch.setattr("batchscore.batch.SCORE_BLOCK_ROWS", 20_000)  # 3 blocks, not 1
     model = RecordingModel()
     bundle = ModelBundle("train-1", [LoadedModel("ratio", model, "ab" * 32)], COLUMNS, ("n", "y"))
     version = new_version("Flow/1")
@@ -74,7 +75,7 @@ def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client):
     result = score_shard(0, shards[0], bundle, version, settings)
 
     assert (result.rows_scored, result.keys_written, result.duplicates) == (50_000, 49_999, 1)
-    assert model.calls == math.ceil(49_999 / SCORE_BLOCK_ROWS)  # scored a block at a time
+    assert model.calls == math.ceil(49_999 / 20_000)  # scored a block at a time
     assert set(model.threads) == {1}  # BATCHSCORE_SCORING_THREADS capped every pool
     assert redis_client.hget(online.manifest(version), "shard:0") == b"49999"
     assert online.publish(version, 49_999, 1)
@@ -123,7 +124,9 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
     _, _, settings = planned
     online = OnlineStore.from_settings(settings)
     old, new = new_version("Flow/old"), new_version("Flow/new")
-    old_input, old_shards = _run_parts(tmp_path, "old", 60_000, 30_000, settings)
+    # Two shards of one and a half score blocks each: the second block interrupts.
+    shard = SCORE_BLOCK_ROWS * 3 // 2
+    old_input, old_shards = _run_parts(tmp_path, "old", 2 * shard, shard, settings)
     new_input, new_shards = _run_parts(tmp_path, "new", 1_000, 1_000, settings)
     plain = ModelBundle(
         "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
