@@ -193,9 +193,10 @@ def plan_shards(
     The shards are this run's scratch space: nothing readers see changes here, so an
     input error found in the last row still leaves Redis and the database untouched.
     `shard_rows` None: sized from the cores (`sizing.default_shard_rows`).
-    `bad_rows="quarantine"`: rows with a missing, non-numeric or non-finite feature are
-    left out and listed in `rejected.csv` instead of failing the input; a structural
-    error (a missing column, an unreadable file) still rejects it whole.
+    `bad_rows="quarantine"`: rows with a missing, non-numeric or non-finite feature (or,
+    with an id column, an id that cannot be a key) are left out and listed in
+    `rejected.csv` instead of failing the input; a structural error (a missing column, an
+    unreadable file) still rejects it whole.
     """
     import pyarrow as pa
 
@@ -236,7 +237,7 @@ def plan_shards(
                     f"columns: {batch.column_names}"
                 )
             if quarantine:
-                part = partition_rows(batch, feature_columns, input_uri, rows + 1, extra)
+                part = partition_rows(batch, feature_columns, input_uri, rows + 1, extra, id_column)
                 rejected.append(part.rejected)
                 table, source = part.good.select(feature_columns), part.good
             else:

@@ -524,21 +524,30 @@ def partition_rows(
     source: str,
     first_row: int = 1,
     keep: Sequence[str] = (),
+    id_column: str | None = None,
 ) -> Partition:
-    """Keep the rows whose every feature is a finite number; name why each other row is not.
+    """Keep the rows whose every feature is a finite number (and whose id, with an id
+    column, can be a key); name why each other row is not.
 
     Structural problems (a missing column) still raise: they reject the whole input, not
-    rows of it. A row is reported once, at its first bad column in training order.
+    rows of it. A row is reported once, at its first bad column: the id, then the
+    features in training order.
     """
+    from batchscore.keys import BAD_ID_REASON, bad_ids
+
     _check_columns(table.column_names, feature_columns, source, first_row, keep)
     bad = np.zeros(table.num_rows, dtype=bool)
-    where = np.full(table.num_rows, -1, dtype=np.int64)  # index of the first bad column
+    where = np.empty(table.num_rows, dtype=object)  # the first bad column's name
     reasons = np.empty(table.num_rows, dtype=object)
+    if id_column and id_column in table.column_names:
+        fresh = bad_ids(table.column(id_column))
+        where[fresh], reasons[fresh] = id_column, BAD_ID_REASON
+        bad |= fresh
     columns = []
-    for index, name in enumerate(feature_columns):
+    for name in feature_columns:
         values, problems = _as_finite(table.column(name).combine_chunks())
         fresh = (problems != None) & ~bad  # noqa: E711 - numpy element-wise
-        where[fresh] = index
+        where[fresh] = name
         reasons[fresh] = problems[fresh]
         bad |= fresh
         columns.append(values)
@@ -550,7 +559,7 @@ def partition_rows(
         }
     ).filter(good_mask)
     rows = np.flatnonzero(bad)
-    names = [feature_columns[i] for i in where[rows]]
+    names = [str(where[row]) for row in rows]
     shown = [
         _cell_text(table.column(name), int(row)) for name, row in zip(names, rows, strict=True)
     ]

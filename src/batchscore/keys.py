@@ -91,6 +91,19 @@ def row_key(values: Sequence[float]) -> str:
     return row_keys(np.asarray([values], dtype="float64"))[0]
 
 
+# What an id may not hold: it is a part of a Redis key (and of a SCAN pattern).
+_BAD_ID = r"[\s:*?\[\]]"
+BAD_ID_REASON = "id is empty or holds whitespace, ':' or a glob character"
+
+
+def bad_ids(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Per row, True where the id cannot be a key part: missing, empty or holding
+    whitespace, ':' or a glob character (the rule `id_keys` enforces)."""
+    text = pc.cast(ids, pa.string())
+    bad = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.match_substring_regex(text, _BAD_ID))
+    return np.asarray(pc.fill_null(bad, True))
+
+
 def id_keys(
     ids: pd.Series, source: str = "input", column: str = "id", first_row: int = 1
 ) -> list[str]:
@@ -98,7 +111,7 @@ def id_keys(
     from batchscore.data import InputError
 
     text = ids.astype("string")
-    bad = text.isna() | (text.str.len() == 0) | text.str.contains(r"[\s:*?\[\]]", regex=True)
+    bad = text.isna() | (text.str.len() == 0) | text.str.contains(_BAD_ID, regex=True)
     if bad.any():
         at = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(
