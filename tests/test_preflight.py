@@ -139,3 +139,39 @@ def test_notebook_names_the_setting_when_redis_is_unreachable(tmp_path, monkeypa
 def test_a_password_in_a_drivers_message_is_masked_too():
     error = ServiceError("BATCHSCORE_REDIS_URL", "redis://:pw-123@h:1/0", "bad pw-123 given")
     assert str(error) == "BATCHSCORE_REDIS_URL (redis://:***@h:1/0): bad *** given"
+
+
+@pytest.mark.services
+def test_a_service_lost_mid_run_is_named_before_its_traceback(service_env, settings_for, capsys):
+    # start's checks passed; later Redis (or the database) goes away. The step's error is
+    # retried as before, but first one line says which setting points at the service.
+    import redis
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from batchscore.fail_fast import _name_the_service
+    from batchscore.preflight import service_failure
+
+    port = closed_port()
+    redis_url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    db_url = f"postgresql+psycopg2://batchscore:s3cret-pw@127.0.0.1:{port}/batchscore"
+    settings = settings_for(
+        {**service_env, "BATCHSCORE_REDIS_URL": redis_url, "BATCHSCORE_DATABASE_URL": db_url}
+    )
+    with pytest.raises(redis.ConnectionError) as lost_redis:
+        redis.Redis.from_url(redis_url).set("k", "v")
+    assert service_failure(lost_redis.value, settings) == (
+        f"BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): connection refused"
+    )
+    with pytest.raises(OperationalError) as lost_db, create_engine(db_url).connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert service_failure(lost_db.value, settings).startswith(
+        "BATCHSCORE_DATABASE_URL (postgresql+psycopg2://batchscore:***@127.0.0.1:"
+    )
+    assert service_failure(ValueError("not a service"), settings) is None
+
+    _name_the_service("ingest_redis", lost_redis.value)  # Settings() from the environment
+    assert capsys.readouterr().err == (
+        f"ingest_redis: BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): "
+        "connection refused\n"
+    )

@@ -5,7 +5,8 @@ parameter or a model file that fails its checksum fails the same way every time,
 retrying only repeats the traceback. Under `@fail_fast` such an error prints one line
 (the message names the file, column and row) and ends the task with Metaflow's
 "do not retry" exit code; the run stops with a non-zero exit. Network and service
-errors pass through unchanged and are retried as before.
+errors are retried as before, after one line naming the setting behind the service
+(`BATCHSCORE_REDIS_URL (redis://…): connection refused`), ahead of the traceback.
 
 The exit code is honoured by Metaflow's local scheduler; Kubernetes and Argo Workflows
 retry by their own retry strategy, so there a deterministic error is repeated
@@ -38,6 +39,19 @@ def fail_fast(step_name: str, flow: Any, inputs: Any = None, attributes: Any = N
         yield
     except Exception as exc:
         if not isinstance(exc, deterministic()):
+            _name_the_service(step_name, exc)
             raise
         print(f"{step_name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+
+
+def _name_the_service(step_name: str, exc: BaseException) -> None:
+    """Before a service error's traceback (and Metaflow's retry), the setting to check."""
+    try:
+        from batchscore.preflight import service_failure
+
+        line = service_failure(exc)
+    except Exception:  # only a hint: never hide the error itself
+        return
+    if line:
+        print(f"{step_name}: {line}", file=sys.stderr, flush=True)

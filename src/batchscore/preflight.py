@@ -172,6 +172,33 @@ def check_redis(settings: Settings) -> None:
     client.close()
 
 
+# Errors a service raises mid-run, by the module defining them, and the setting behind it.
+_SERVICE_ERRORS = (
+    ("redis.", "BATCHSCORE_REDIS_URL"),
+    ("sqlalchemy.", "BATCHSCORE_DATABASE_URL"),
+    ("psycopg2", "BATCHSCORE_DATABASE_URL"),
+    ("botocore.", "BATCHSCORE_STORE_URL"),
+)
+
+
+def service_failure(exc: BaseException, settings: Settings | None = None) -> str | None:
+    """One line naming the setting (and masked URL) behind a service error met after
+    `start`'s checks passed, such as Redis going away mid-write; None for any other error."""
+    for error in _chain(exc):
+        module = type(error).__module__ + "."
+        variable = next((v for prefix, v in _SERVICE_ERRORS if module.startswith(prefix)), None)
+        if variable:
+            settings = settings or Settings()
+            url = {
+                "BATCHSCORE_REDIS_URL": settings.redis_url,
+                "BATCHSCORE_DATABASE_URL": settings.resolved_database_url,
+                "BATCHSCORE_STORE_URL": settings.resolved_store_url,
+            }[variable]
+            where = mask_url(url) if url else "embedded"
+            return f"{variable} ({where}): {reason(error)}"
+    return None
+
+
 def redis_error(settings: Settings, exc: BaseException) -> str:
     """A Redis failure met later (CLI, notebook), named after its setting like the checks."""
     where = mask_url(settings.redis_url) if settings.redis_url else "embedded"
