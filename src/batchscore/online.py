@@ -582,9 +582,10 @@ class ShardWriter:
     """Streams one shard's rows into a staged version through redis-py pipelines.
 
     Without a TTL a chunk is one MSET (one reply); with one it is a run of
-    `SET name value EX ttl`, about half as fast on the server. Each block of rows (in
-    `score_shard`, 20,000) is one pipeline without MULTI, packed by hiredis and executed on
-    a background thread, so that Redis stores one block while the caller scores the next.
+    `SET name value EX ttl`, about half as fast on the server. The rows of each `write`
+    (in `score_shard`, a block of 50,000) go as pipelines of `_BLOCK_ROWS` without MULTI,
+    packed by hiredis and executed on a background thread, so that Redis stores the last
+    of them while the caller scores the next block.
     A dropped connection is retried under the client's policy by resending the whole
     pipeline (MSET and SET are idempotent). On a clean exit the writer waits for the last
     block, checks that every key was acknowledged, and only then records the shard's count,
