@@ -352,3 +352,6 @@ def test_trained_model_travels_as_its_store_bytes_and_loads_on_first_use(tmp_pat
     np.testing.assert_array_equal(
         again.estimator.predict_proba(data.features), trained.estimator.predict_proba(data.features)
     )
+    assert again.joblib_bytes() == (blob, sha)  # loaded, not re-dumped
+    again.estimator = _logreg(data.features.iloc[:, :3], data.labels)  # a new model: new bytes
+    assert again.joblib_bytes()[1] != sha

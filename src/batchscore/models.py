@@ -143,6 +143,11 @@ class TrainedModel:
         state.pop("estimator", None)
         return state
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "estimator":  # a new estimator: the bytes it came as no longer hold
+            self.__dict__.pop("_joblib", None)
+        super().__setattr__(name, value)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
@@ -157,11 +162,12 @@ class TrainedModel:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def joblib_bytes(self) -> tuple[bytes, str]:
-        """The model as the store keeps it (`dump_model`) and its SHA-256, not re-dumped
-        when it arrived as bytes and was never loaded."""
-        if "estimator" in self.__dict__:
+        """The model as the store keeps it (`dump_model`) and its SHA-256: the bytes it
+        arrived as when it was unpickled (Metaflow re-saves every artifact a step reads,
+        so a loaded model must not cost a dump), else a fresh dump of the estimator."""
+        data = self.__dict__.get("_joblib")
+        if data is None:
             return dump_model(self.__dict__["estimator"])
-        data = self.__dict__["_joblib"]
         return data, hashlib.sha256(data).hexdigest()
 
 
