@@ -95,7 +95,21 @@ def test_id_keys_pass_clean_ids_through():
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "a:b", "has space", " lead", "tab\there", "star*", "what?", "br[ack]et", None]
+    "bad",
+    [
+        "",
+        "a:b",
+        "has space",
+        " lead",
+        "tab\there",
+        "star*",
+        "what?",
+        "br[ack]et",
+        None,
+        "no\u00a0break",  # Unicode whitespace, as Python's \s sees it
+        "em\u2003space",
+        "line\u2028sep",
+    ],
 )
 def test_id_keys_reject_unusable_ids_naming_the_row(bad):
     ids = pd.Series(["ok-1", "ok-2", bad], dtype=object)
@@ -139,3 +153,15 @@ def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, 
     store.stage(version, {"model": "m"})
     assert store.write(version, 0, keys, pa.array(["x"] * len(keys))) == len(keys)
     assert redis_client.get(f"t:{version}:{expected[-1]}") == b"x"
+
+
+def test_one_id_rule_for_keys_and_quarantine_equal_to_pythons_whitespace():
+    # `bad_ids` (Arrow's RE2) must refuse exactly what Python's `\s` calls whitespace:
+    # every code point, so that quarantine and `id_keys` agree on what cannot be a key.
+    import re
+
+    from batchscore.keys import bad_ids
+
+    chars = [chr(c) for c in range(0x3100) if not 0xD800 <= c <= 0xDFFF]
+    expected = [bool(re.search(r"[\s:*?\[\]]", f"id{c}")) for c in chars]
+    assert bad_ids(pa.array([f"id{c}" for c in chars])).tolist() == expected

@@ -91,14 +91,15 @@ def row_key(values: Sequence[float]) -> str:
     return row_keys(np.asarray([values], dtype="float64"))[0]
 
 
-# What an id may not hold: it is a part of a Redis key (and of a SCAN pattern).
-_BAD_ID = r"[\s:*?\[\]]"
+# What an id may not hold, as it is a part of a Redis key (and of a SCAN pattern):
+# whitespace (exactly Python's `\s`, spelled for Arrow's RE2), ':' or a glob character.
+_BAD_ID = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}:*?\[\]]"
 BAD_ID_REASON = "id is empty or holds whitespace, ':' or a glob character"
 
 
 def bad_ids(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Per row, True where the id cannot be a key part: missing, empty or holding
-    whitespace, ':' or a glob character (the rule `id_keys` enforces)."""
+    whitespace, ':' or a glob character. The one id rule: `id_keys` and quarantine."""
     text = pc.cast(ids, pa.string())
     bad = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.match_substring_regex(text, _BAD_ID))
     return np.asarray(pc.fill_null(bad, True))
@@ -111,9 +112,9 @@ def id_keys(
     from batchscore.data import InputError
 
     text = ids.astype("string")
-    bad = text.isna() | (text.str.len() == 0) | text.str.contains(_BAD_ID, regex=True)
+    bad = bad_ids(pa.array(text, pa.string()))
     if bad.any():
-        at = int(np.flatnonzero(bad.to_numpy())[0])
+        at = int(np.flatnonzero(bad)[0])
         raise InputError(
             f"{source}: column {column!r}, row {first_row + at}: id {ids.iloc[at]!r} is empty "
             "or holds whitespace, ':' or a glob character, so it cannot be a Redis key part"
