@@ -194,12 +194,15 @@ def service_failure(exc: BaseException, settings: Settings | None = None) -> str
                 "BATCHSCORE_DATABASE_URL": settings.resolved_database_url,
                 "BATCHSCORE_STORE_URL": settings.resolved_store_url,
             }[variable]
-            where = mask_url(url) if url else "embedded"
-            return f"{variable} ({where}): {reason(error)}"
+            return _named(variable, url, error)
     return None
 
 
 def redis_error(settings: Settings, exc: BaseException) -> str:
     """A Redis failure met later (CLI, notebook), named after its setting like the checks."""
-    where = mask_url(settings.redis_url) if settings.redis_url else "embedded"
-    return f"BATCHSCORE_REDIS_URL ({where}): {reason(exc)}"
+    return _named("BATCHSCORE_REDIS_URL", settings.redis_url, exc)
+
+
+def _named(variable: str, url: str | None, exc: BaseException) -> str:
+    where = mask_url(url) if url else "embedded"
+    return f"{variable} ({where}): {reason(exc)}"

@@ -72,7 +72,7 @@ def encode(outputs: Sequence[Scored], classes: tuple[str, str]) -> pa.StringArra
     joined row by row), about 6x faster than formatting a str per row. Probabilities are
     rounded to 6 decimals and written in their shortest form (`1`, `0.25`, `0.981234`).
     """
-    champion, labels, proba = outputs[0]
+    champion, labels, _ = outputs[0]
     # Each model's probabilities as text once: the champion's appear twice in a value.
     numbers = [_number(model_proba, model.name) for model, _, model_proba in outputs]
     # The text before each probability depends only on the label: two strings, picked per
