@@ -381,6 +381,18 @@ def test_feature_table_finds_the_first_bad_row_in_a_later_chunk():
         data.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
 
 
+def test_feature_table_reads_sliced_chunks_in_place():
+    # A chunk that is a slice of a larger buffer (offset > 0): values before the slice are
+    # not the table's, and a null is caught whatever its slot in the data buffer holds.
+    a = pa.chunked_array([pa.array([np.nan, 1.0, 2.0]).slice(1)])
+    b = pa.chunked_array([pa.array([np.inf, 1.0, None]).slice(1)])
+    c = pa.chunked_array([[0.0, 0.0]])
+    with pytest.raises(InputError, match=r"column 'b', row 2: nan is not a finite"):
+        data.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
+    good = data.to_feature_table(pa.table({"a": a, "b": a, "c": c}), COLUMNS, "rows.parquet")
+    assert good.column("b").to_pylist() == [1.0, 2.0]
+
+
 def test_feature_table_text_columns_get_the_frame_checks():
     table = pa.table({"a": [1.0, 2.0, 3.0], "b": ["1.5", "2.5", "abc"], "c": [0.0] * 3})
     with pytest.raises(InputError, match=r"rows.csv: column 'b', row 3: 'abc' is not a number"):

@@ -483,13 +483,15 @@ def to_feature_table(
         frame = to_feature_frame(features, feature_columns, source, first_row)
         return pa.Table.from_pandas(frame, preserve_index=False)
     # Like pandas, integers beyond 2**53 round to the nearest float64. The check reads
-    # each chunk in place: no copy of the table is made when it is already float64.
+    # each chunk in place: no copy of the table is made when it is already float64, and
+    # pandas is not imported (Arrow's own to_numpy of a chunk with nulls would: ~0.2 s of
+    # the batch flow's `load_data`).
     columns = [pc.cast(c, pa.float64(), safe=False) for c in columns]
     first_bad: tuple[int, int] | None = None
     for index, column in enumerate(columns):
         offset = 0
         for chunk in column.chunks:
-            bad = np.flatnonzero(~np.isfinite(chunk.to_numpy(zero_copy_only=False)))
+            bad = np.flatnonzero(_not_finite_or_missing(chunk))
             if len(bad):
                 if first_bad is None or offset + bad[0] < first_bad[0]:
                     first_bad = (offset + int(bad[0]), index)
@@ -501,6 +503,15 @@ def to_feature_table(
         value = float("nan") if value is None else value
         raise _not_finite(source, feature_columns[index], first_row + row, value)
     return pa.table(dict(zip(feature_columns, columns, strict=True)))
+
+
+def _not_finite_or_missing(chunk: pa.Array) -> np.ndarray:
+    """Per value of a float64 chunk, True where it is null, NaN or infinite; read in place."""
+    values = np.frombuffer(chunk.buffers()[1], np.float64, len(chunk), 8 * chunk.offset)
+    bad = ~np.isfinite(values)
+    if chunk.null_count:
+        bad |= ~np.asarray(chunk.is_valid())
+    return bad
 
 
 # ------------------------------------------------------------------------ quarantine
