@@ -47,8 +47,9 @@ def matthews_corrcoef(y_true: Any, y_pred: Any) -> float:
 
 
 def accuracy(y_true: Any, y_pred: Any) -> float:
-    tp, _, _, tn = _counts(y_true, y_pred)
-    return (tp + tn) / len(np.asarray(y_true)) if len(np.asarray(y_true)) else 0.0
+    tp, fp, fn, tn = _counts(y_true, y_pred)
+    rows = tp + fp + fn + tn
+    return (tp + tn) / rows if rows else 0.0
 
 
 METRICS: dict[str, Callable[[Any, Any], float]] = {
