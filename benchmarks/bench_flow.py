@@ -131,7 +131,7 @@ def run_flow(rows: Path, env: dict[str, str], work: Path, redis_url: str) -> dic
 
 def naive_child(rows: str, redis_url: str) -> dict[str, Any]:
     """The seed's way with the flow's own recorded models (its four)."""
-    from batchscore.batch import ModelBundle, load_models
+    from batchscore.batch.bundle import ModelBundle, load_models
     from batchscore.config import Settings
 
     bundle = load_models("all", Settings())
@@ -148,7 +148,7 @@ def _floor_part(part: int, parts: int, rows: str, barrier: Any, out: Any) -> Non
     import pyarrow.parquet as pq
     from threadpoolctl import threadpool_limits
 
-    from batchscore.batch import load_models
+    from batchscore.batch.bundle import load_models
     from batchscore.config import Settings
 
     bundle = load_models("all", Settings())

@@ -33,9 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 
-import batchscore.online as online_module
+import batchscore.online.store as online_module
 from batchscore.config import Settings
-from batchscore.online import READ_SLICE, OnlineStore, connect, new_version
+from batchscore.online.connection import connect
+from batchscore.online.store import READ_SLICE, OnlineStore
+from batchscore.versions import new_version
 
 # The lookup before this change: every key in one script, Redis busy for all of it.
 _ONE_SCRIPT = """

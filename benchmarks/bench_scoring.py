@@ -42,12 +42,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from workload import flush, peak_rss_mib, run_naive, train_bundle, write_rows
 
-from batchscore.batch import ModelBundle, plan_shards, score_shard, stage
+from batchscore.batch.bundle import ModelBundle
+from batchscore.batch.predictions import LoadedModel, encode_predictions
+from batchscore.batch.publishing import stage
+from batchscore.batch.scoring import score_shard
+from batchscore.batch.shards import plan_shards
 from batchscore.config import Settings
-from batchscore.keys import first_occurrences, hash_rows
-from batchscore.online import OnlineStore, new_version, ttl_seconds
-from batchscore.scoring import LoadedModel, encode_predictions
+from batchscore.online.store import OnlineStore, ttl_seconds
+from batchscore.rows.keys import first_occurrences, hash_rows
 from batchscore.sizing import machine_cores, scoring_threads
+from batchscore.versions import new_version
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn deprecations
 
@@ -160,7 +164,9 @@ def run_project(
         # As the README advises for parallel tasks on one machine: cores / tasks threads each.
         os.environ["BATCHSCORE_SCORING_THREADS"] = str(scoring_threads(workers, machine_cores()))
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["batchscore.batch", "sklearn.svm", "sklearn.neighbors"])
+        context.set_forkserver_preload(
+            ["batchscore.batch.scoring", "sklearn.svm", "sklearn.neighbors"]
+        )
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         list(pool.map(warm_up, [bundle] * workers))  # workers started and warm: not timed
     try:

@@ -48,8 +48,9 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_breast_cancer
 
-from batchscore.keys import hash_rows
-from batchscore.online import OnlineStore, new_version
+from batchscore.online.store import OnlineStore
+from batchscore.rows.keys import hash_rows
+from batchscore.versions import new_version
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [str(name) for name in load_breast_cancer().feature_names]

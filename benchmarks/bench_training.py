@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from sklearn.datasets import make_classification
 
-from batchscore.models import MODEL_NAMES, SAMPLE_ROWS, train_model
+from batchscore.training.models import MODEL_NAMES, SAMPLE_ROWS, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

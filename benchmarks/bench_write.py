@@ -31,10 +31,11 @@ import pyarrow.parquet as pq
 import redis
 from workload import flush, train_bundle, write_rows
 
-from batchscore.batch import SCORE_BLOCK_ROWS
-from batchscore.keys import hash_rows
-from batchscore.online import OnlineStore, new_version
-from batchscore.scoring import encode_predictions
+from batchscore.batch.predictions import encode_predictions
+from batchscore.batch.scoring import SCORE_BLOCK_ROWS
+from batchscore.online.store import OnlineStore
+from batchscore.rows.keys import hash_rows
+from batchscore.versions import new_version
 
 PREFIX = "benchwrite"
 TTL = 30 * 86_400  # `--ttl_days 30`

@@ -22,9 +22,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.batch import ModelBundle
-from batchscore.models import positive_proba
-from batchscore.scoring import LoadedModel
+from batchscore.batch.bundle import ModelBundle
+from batchscore.batch.predictions import LoadedModel
+from batchscore.training.models import positive_proba
 
 SEED_MODELS = ("tree", "svc", "knn", "logreg")  # the seed's four models
 NAIVE_PREFIX = "benchnaive"
@@ -61,8 +61,8 @@ def write_rows(path: Path, rows: int, seed: int, row_group: int = 100_000) -> No
 
 def train_bundle(seed: int) -> ModelBundle:
     """The seed's four models, tuned once on the real breast-cancer rows; champion first."""
-    from batchscore.data import load_dataset
-    from batchscore.models import choose_champion, dump_model, train_model
+    from batchscore.training.datasets import load_dataset
+    from batchscore.training.models import choose_champion, dump_model, train_model
 
     data = load_dataset("breast_cancer")
     trained = {

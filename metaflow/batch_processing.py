@@ -11,9 +11,9 @@ steps around the foreach cost little more than Metaflow's own start-up (the file
 imports nothing heavy: the launcher and the card process import it too).
 """
 
-import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
-from batchscore.fail_fast import fail_fast
-from batchscore.retries import step_retries
+import batchscore.orchestration.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
+from batchscore.orchestration.fail_fast import fail_fast
+from batchscore.orchestration.retries import step_retries
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
@@ -61,9 +61,9 @@ class BatchProcessingFlow(FlowSpec):
     def start(self):
         """Stop now if a service is unreachable; name the version (sortable by start time);
         find the input and the recorded models."""
-        from batchscore.batch import default_input, find_models
+        from batchscore.batch.bundle import default_input, find_models
         from batchscore.config import Settings
-        from batchscore.preflight import require_services
+        from batchscore.orchestration.preflight import require_services
         from batchscore.versions import new_version
 
         settings = Settings()
@@ -85,9 +85,11 @@ class BatchProcessingFlow(FlowSpec):
         the shard tasks, the steps that need scikit-learn), validate every input row
         against their schema, cut it into shards (one per core unless `--shard_rows`),
         then stage the run's version."""
-        from batchscore.batch import fetch_models, plan_shards, stage
+        from batchscore.batch.bundle import fetch_models
+        from batchscore.batch.publishing import stage
+        from batchscore.batch.shards import plan_shards
         from batchscore.config import Settings
-        from batchscore.online import ttl_seconds
+        from batchscore.online.store import ttl_seconds
 
         settings = Settings()
         self.model_files = fetch_models(self.records, settings)
@@ -117,9 +119,9 @@ class BatchProcessingFlow(FlowSpec):
     @step
     def batch_processing(self):
         """One shard: deserialise the models, key, predict, write under the staged version."""
-        from batchscore.batch import score_shard
+        from batchscore.batch.scoring import score_shard
         from batchscore.config import Settings
-        from batchscore.online import ttl_seconds
+        from batchscore.online.store import ttl_seconds
         from batchscore.sizing import scoring_threads, step_cores
 
         settings = Settings()
@@ -142,8 +144,8 @@ class BatchProcessingFlow(FlowSpec):
     def ingest_redis(self, inputs):
         """Gate the batch (drift, rejected rows), check every shard's keys landed, then
         switch readers to the new version; the batch report is this step's card."""
-        from batchscore.batch import GateLimits, publish
-        from batchscore.batch_report import card_components
+        from batchscore.batch.publishing import GateLimits, publish
+        from batchscore.batch.report import card_components
         from batchscore.config import Settings
 
         self.merge_artifacts(
@@ -176,8 +178,8 @@ class BatchProcessingFlow(FlowSpec):
     @step
     def end(self):
         """What was published, and where; a batch the gate blocked ends the run non-zero."""
-        from batchscore.gate import GateBlocked
-        from batchscore.report import print_mapping
+        from batchscore.batch.gate import GateBlocked
+        from batchscore.orchestration.report import print_mapping
 
         print_mapping(
             "batch run",

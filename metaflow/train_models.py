@@ -9,10 +9,15 @@ its own and imports what it uses inside the step (the launcher and the card proc
 this file too): pandas, scikit-learn and matplotlib load only where a step needs them.
 """
 
-import batchscore.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
-from batchscore.fail_fast import fail_fast
-from batchscore.models import BRANCH_CPUS, DEFAULT_THRESHOLD_METRIC, MODEL_NAMES, THRESHOLD_METRICS
-from batchscore.retries import step_retries
+import batchscore.orchestration.metaflow_user  # noqa: F401  (before metaflow: a user name it accepts)
+from batchscore.orchestration.fail_fast import fail_fast
+from batchscore.orchestration.retries import step_retries
+from batchscore.training.models import (
+    BRANCH_CPUS,
+    DEFAULT_THRESHOLD_METRIC,
+    MODEL_NAMES,
+    THRESHOLD_METRICS,
+)
 from metaflow import FlowSpec, Parameter, card, current, resources, retry, step, timeout
 
 # Steps whose work is idempotent retry (BATCHSCORE_STEP_RETRIES, default 2).
@@ -45,9 +50,9 @@ class TrainModelsFlow(FlowSpec):
     def start(self):
         """Say where data, metrics and models will go; stop now if a service is unreachable."""
         from batchscore.config import Settings
-        from batchscore.models import check_threshold_metric
-        from batchscore.preflight import require_services
-        from batchscore.report import print_mapping
+        from batchscore.orchestration.preflight import require_services
+        from batchscore.orchestration.report import print_mapping
+        from batchscore.training.models import check_threshold_metric
 
         check_threshold_metric(self.threshold_metric)
         print_mapping("batchscore services", Settings().describe())
@@ -60,7 +65,7 @@ class TrainModelsFlow(FlowSpec):
     def load_and_prepare_data(self):
         """Load, split, and publish the test split as the batch flow's default input."""
         from batchscore.config import Settings
-        from batchscore.training import prepare_data
+        from batchscore.training.steps import prepare_data
 
         self.data = prepare_data(
             self.dataset,
@@ -79,7 +84,7 @@ class TrainModelsFlow(FlowSpec):
     @step
     def train_model(self):
         """One branch per model: grid search, then its threshold, by cross-validation."""
-        from batchscore.models import train_model
+        from batchscore.training.models import train_model
 
         self.trained = train_model(
             self.input,
@@ -102,10 +107,10 @@ class TrainModelsFlow(FlowSpec):
     @step
     def evaluate(self):
         """Test-split metrics and figures; the champion is chosen by CV, not by these."""
-        from batchscore.evaluation import metrics_only  # matplotlib: this step only
-        from batchscore.models import choose_champion
-        from batchscore.report import card_components
-        from batchscore.training import evaluate_all, reference_profile
+        from batchscore.orchestration.report import card_components
+        from batchscore.training.evaluation import metrics_only  # matplotlib: this step only
+        from batchscore.training.models import choose_champion
+        from batchscore.training.steps import evaluate_all, reference_profile
 
         results, self.pngs = evaluate_all(self.trained, self.data)
         self.metrics = metrics_only(results)
@@ -126,7 +131,7 @@ class TrainModelsFlow(FlowSpec):
     def store_results(self):
         """Models and plots to the store, metrics and the champion to the database."""
         from batchscore.config import Settings
-        from batchscore.training import save_training
+        from batchscore.training.steps import save_training
 
         saved = save_training(
             f"{current.flow_name}/{current.run_id}",
@@ -145,7 +150,7 @@ class TrainModelsFlow(FlowSpec):
     @step
     def end(self):
         """The summary: every model's metrics and the champion."""
-        from batchscore.report import print_mapping, print_metrics
+        from batchscore.orchestration.report import print_mapping, print_metrics
 
         print_metrics(self.metrics, self.cv_scores, self.champion)
         print_mapping("thresholds", self.thresholds)  # label 1: proba >= threshold

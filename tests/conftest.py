@@ -52,7 +52,7 @@ REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from batchscore.embedded_redis import stop_server
+    from batchscore.online.embedded_redis import stop_server
 
     for pidfile in _SESSION_TMP.rglob("redis.pid"):
         stop_server(pidfile.with_name("redis.db"))
@@ -71,7 +71,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
     """A BATCHSCORE_HOME of its own; its embedded Redis (if started) is stopped after."""
     path = tmp_path / "home"
     yield path
-    from batchscore.embedded_redis import stop_server
+    from batchscore.online.embedded_redis import stop_server
 
     stop_server(path / "redis.db")
 

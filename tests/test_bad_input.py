@@ -9,11 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscore.batch import ModelBundle, plan_shards, score_shard
-from batchscore.data import InputError, load_dataset
-from batchscore.online import OnlineStore
-from batchscore.scoring import LoadedModel
-from batchscore.store import ObjectStore
+from batchscore.batch.bundle import ModelBundle
+from batchscore.batch.predictions import LoadedModel
+from batchscore.batch.scoring import score_shard
+from batchscore.batch.shards import plan_shards
+from batchscore.online.store import OnlineStore
+from batchscore.rows.errors import InputError
+from batchscore.storage.object_store import ObjectStore
+from batchscore.training.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["a", "b", "c"]
@@ -147,7 +150,7 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
 ):
     from sqlalchemy import create_engine, func, select
 
-    from batchscore.tracking import batch_runs
+    from batchscore.storage.tracking import batch_runs
     from metaflow import Runner
 
     work = tmp_path / "work"

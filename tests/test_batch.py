@@ -10,19 +10,17 @@ import pytest
 import redis
 from threadpoolctl import threadpool_info
 
-from batchscore.batch import (
-    SCORE_BLOCK_ROWS,
-    ModelBundle,
-    plan_shards,
-    publish,
-    score_shard,
-    stage,
-)
-from batchscore.data import InputError
-from batchscore.keys import row_keys
-from batchscore.online import OnlineStore, PublishError, new_version
-from batchscore.scoring import LoadedModel
-from batchscore.store import ObjectStore
+from batchscore.batch.bundle import ModelBundle
+from batchscore.batch.predictions import LoadedModel
+from batchscore.batch.publishing import publish, stage
+from batchscore.batch.scoring import SCORE_BLOCK_ROWS, score_shard
+from batchscore.batch.shards import plan_shards
+from batchscore.online.errors import PublishError
+from batchscore.online.store import OnlineStore
+from batchscore.rows.errors import InputError
+from batchscore.rows.keys import row_keys
+from batchscore.storage.object_store import ObjectStore
+from batchscore.versions import new_version
 
 COLUMNS = ["a", "b"]
 
@@ -65,7 +63,7 @@ def planned(tmp_path, redis_url, redis_prefix, settings_for):
 @pytest.mark.services
 def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client, monkeypatch):
     rows, shards, settings = planned
-    monkeypatch.setattr("batchscore.batch.SCORE_BLOCK_ROWS", 20_000)  # 3 blocks, not 1
+    monkeypatch.setattr("batchscore.batch.scoring.SCORE_BLOCK_ROWS", 20_000)  # 3 blocks, not 1
     model = RecordingModel()
     bundle = ModelBundle("train-1", [LoadedModel("ratio", model, "ab" * 32)], COLUMNS, ("n", "y"))
     version = new_version("Flow/1")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from batchscore.keys import row_keys
-from batchscore.online import OnlineStore, new_version
+from batchscore.online.store import OnlineStore
+from batchscore.rows.keys import row_keys
+from batchscore.versions import new_version
 
 COLUMNS = ["mean radius", "mean texture", "mean perimeter"]
 ROWS = pd.DataFrame(

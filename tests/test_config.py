@@ -248,7 +248,7 @@ def test_env_example_derives_every_copy_of_a_secret(tmp_path, monkeypatch):
 def test_flows_read_step_retries_as_settings_does(
     tmp_path, monkeypatch, environment, dotenv, expected
 ):
-    from batchscore.retries import step_retries
+    from batchscore.orchestration.retries import step_retries
 
     monkeypatch.chdir(tmp_path)
     for name in [k for k in os.environ if k.upper() == "BATCHSCORE_STEP_RETRIES"]:
@@ -262,7 +262,7 @@ def test_flows_read_step_retries_as_settings_does(
 
 @pytest.mark.parametrize("value", ["5", "-1", "two"])
 def test_bad_step_retries_is_refused_naming_the_variable(tmp_path, monkeypatch, value):
-    from batchscore.retries import step_retries
+    from batchscore.orchestration.retries import step_retries
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BATCHSCORE_STEP_RETRIES", value)

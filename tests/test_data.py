@@ -13,8 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore import data
-from batchscore.data import InputError, iter_frames, load_dataset, read_frame, to_feature_frame
+from batchscore.rows import validation
+from batchscore.rows.errors import InputError
+from batchscore.rows.validation import to_feature_frame
+from batchscore.storage import tables
+from batchscore.storage.tables import iter_frames, read_frame
+from batchscore.training.datasets import load_dataset
 
 
 def _write(path: Path, frame: pd.DataFrame) -> str:
@@ -129,14 +133,14 @@ def test_parquet_batches_cut_across_row_groups(tmp_path):
     path = tmp_path / "groups.parquet"
     pq.write_table(table, path, row_group_size=7)
     for batch_rows, sizes in ((10, [10, 10, 5]), (7, [7, 7, 7, 4]), (100, [25])):
-        batches = list(data.iter_tables(str(path), batch_rows=batch_rows))
+        batches = list(tables.iter_tables(str(path), batch_rows=batch_rows))
         assert [b.num_rows for b in batches] == sizes
         assert pa.concat_tables(batches).equals(table)
 
 
 def test_csv_batches_across_read_blocks(tmp_path, monkeypatch):
     # Small read blocks: batches are cut from many Arrow batches, none lost or repeated.
-    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 256)
+    monkeypatch.setattr(tables, "READ_BLOCK_BYTES", 256)
     path = tmp_path / "t.csv"
     path.write_text("a,b\n" + "".join(f"{i},{i * 0.5}\n" for i in range(1000)))
     frames = list(iter_frames(str(path), batch_rows=300, numeric_columns=["a", "b"]))
@@ -221,7 +225,7 @@ def test_file_url_and_s3_sources(tmp_path, s3_env, settings_for):
     source = _write(tmp_path / "t.parquet", table)
     assert read_frame(Path(source).as_uri()).equals(table)
 
-    from batchscore.store import ObjectStore
+    from batchscore.storage.object_store import ObjectStore
 
     settings = settings_for(s3_env)
     store = ObjectStore.from_url(s3_env["BATCHSCORE_STORE_URL"], settings)
@@ -287,7 +291,7 @@ def test_csv_reader_non_numeric_names_column_and_row(tmp_path):
 
 
 def test_csv_reader_bad_value_in_a_later_block(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 512)
+    monkeypatch.setattr(tables, "READ_BLOCK_BYTES", 512)
     path = tmp_path / "rows.csv"
     lines = [f"{i},{i}.5" for i in range(1, 1001)]
     lines[876] = "877,n/a?"  # data row 877
@@ -354,7 +358,7 @@ def test_csv_with_bom_and_crlf(tmp_path):
 
 def test_feature_table_matches_feature_frame():
     frame = pd.DataFrame({"c": [3.0, -0.0], "extra": ["x", "y"], "a": [1, 4], "b": [2.0, 5.0]})
-    table = data.to_feature_table(pa.Table.from_pandas(frame), COLUMNS, "rows.parquet")
+    table = validation.to_feature_table(pa.Table.from_pandas(frame), COLUMNS, "rows.parquet")
     assert table.column_names == COLUMNS
     assert all(t == pa.float64() for t in table.schema.types)
     expected = to_feature_frame(frame, COLUMNS, "rows.parquet")
@@ -368,7 +372,7 @@ def test_feature_table_names_the_first_bad_row_and_column(bad):
     columns["a"][2] = np.nan  # ... comes before row 3, column a
     table = pa.table(columns)
     with pytest.raises(InputError, match=r"rows.parquet: column 'c', row 12: .*not a finite"):
-        data.to_feature_table(table, COLUMNS, "rows.parquet", first_row=11)
+        validation.to_feature_table(table, COLUMNS, "rows.parquet", first_row=11)
 
 
 def test_feature_table_finds_the_first_bad_row_in_a_later_chunk():
@@ -378,7 +382,7 @@ def test_feature_table_finds_the_first_bad_row_in_a_later_chunk():
     b = pa.chunked_array([[1.0], [2.0, np.inf, 4.0]])
     c = pa.chunked_array([[0.0, 0.0, 0.0, 0.0]])
     with pytest.raises(InputError, match=r"column 'b', row 3: inf"):
-        data.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
+        validation.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
 
 
 def test_feature_table_reads_sliced_chunks_in_place():
@@ -388,17 +392,17 @@ def test_feature_table_reads_sliced_chunks_in_place():
     b = pa.chunked_array([pa.array([np.inf, 1.0, None]).slice(1)])
     c = pa.chunked_array([[0.0, 0.0]])
     with pytest.raises(InputError, match=r"column 'b', row 2: nan is not a finite"):
-        data.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
-    good = data.to_feature_table(pa.table({"a": a, "b": a, "c": c}), COLUMNS, "rows.parquet")
+        validation.to_feature_table(pa.table({"a": a, "b": b, "c": c}), COLUMNS, "rows.parquet")
+    good = validation.to_feature_table(pa.table({"a": a, "b": a, "c": c}), COLUMNS, "rows.parquet")
     assert good.column("b").to_pylist() == [1.0, 2.0]
 
 
 def test_feature_table_text_columns_get_the_frame_checks():
     table = pa.table({"a": [1.0, 2.0, 3.0], "b": ["1.5", "2.5", "abc"], "c": [0.0] * 3})
     with pytest.raises(InputError, match=r"rows.csv: column 'b', row 3: 'abc' is not a number"):
-        data.to_feature_table(table, COLUMNS, "rows.csv")
+        validation.to_feature_table(table, COLUMNS, "rows.csv")
     good = pa.table({"a": ["1.5", "2"], "b": [1, 2], "c": [0.5, 0.25]})
-    assert data.to_feature_table(good, COLUMNS, "x").to_pandas().to_numpy().tolist() == [
+    assert validation.to_feature_table(good, COLUMNS, "x").to_pandas().to_numpy().tolist() == [
         [1.5, 1.0, 0.5],
         [2.0, 2.0, 0.25],
     ]
@@ -406,7 +410,7 @@ def test_feature_table_text_columns_get_the_frame_checks():
 
 def test_feature_table_missing_column_is_named():
     with pytest.raises(InputError, match=r"missing feature column\(s\) \['b'\]"):
-        data.to_feature_table(pa.table({"a": [1.0], "c": [3.0]}), COLUMNS, "rows.csv")
+        validation.to_feature_table(pa.table({"a": [1.0], "c": [3.0]}), COLUMNS, "rows.csv")
 
 
 # ------------------------------------------------------------ positive class rules
@@ -459,7 +463,7 @@ def test_text_columns_keep_leading_zeros(tmp_path, suffix):
         path.write_text("customer,x\n007,1.5\n7,2.5\n0042,3.5\n")
     else:
         pd.DataFrame({"customer": ["007", "7", "0042"], "x": [1.5, 2.5, 3.5]}).to_parquet(path)
-    (table,) = data.iter_tables(str(path), numeric_columns=["x"], text_columns=["customer"])
+    (table,) = tables.iter_tables(str(path), numeric_columns=["x"], text_columns=["customer"])
     assert table.column("customer").to_pylist() == ["007", "7", "0042"]
     frame = read_frame(str(path), text_columns=["customer"])
     assert frame["customer"].tolist() == ["007", "7", "0042"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchscore.drift import BatchProfile, ReferenceProfile, bin_counts, psi
-from batchscore.gate import check
+from batchscore.batch.drift import BatchProfile, ReferenceProfile, bin_counts, psi
+from batchscore.batch.gate import check
 
 
 def _training(rows: int = 5_000, seed: int = 0) -> tuple[np.ndarray, list[str]]:

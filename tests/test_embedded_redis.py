@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from batchscore.embedded_redis import _paths, ensure_server, stop_server
+from batchscore.online.embedded_redis import _paths, ensure_server, stop_server
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_concurrent_processes_share_one_server(db_path):
         f"""
         import redis
         from pathlib import Path
-        from batchscore.embedded_redis import ensure_server
+        from batchscore.online.embedded_redis import ensure_server
 
         socket = ensure_server(Path({str(db_path)!r}))
         client = redis.Redis(unix_socket_path=str(socket))

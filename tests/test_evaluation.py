@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from batchscore.evaluation import METRIC_NAMES, evaluate_model, figures, metrics_only
+from batchscore.training.evaluation import METRIC_NAMES, evaluate_model, figures, metrics_only
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -97,7 +97,7 @@ def test_figures_are_pngs_for_every_model_and_roc():
 
 
 def test_roc_chart_names_the_positive_class_and_gives_the_tables_precision():
-    from batchscore.evaluation import roc_figure
+    from batchscore.training.evaluation import roc_figure
 
     results = {
         "tree": evaluate_model(_threshold_model(), X, Y),
@@ -112,7 +112,7 @@ def test_roc_chart_names_the_positive_class_and_gives_the_tables_precision():
 
 
 def test_confusion_matrices_share_one_grid():
-    from batchscore.evaluation import confusion_grid_figure
+    from batchscore.training.evaluation import confusion_grid_figure
 
     results = {f"m{i}": evaluate_model(_threshold_model(), X, Y) for i in range(5)}
     fig = confusion_grid_figure(results, ("benign", "malignant"))

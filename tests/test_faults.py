@@ -18,9 +18,12 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy, closed_port
 
-from batchscore.online import OnlineStore, PublishError, connect, new_version
-from batchscore.store import ObjectStore, StoreError
-from batchscore.tracking import batch_runs, model_metrics
+from batchscore.online.connection import connect
+from batchscore.online.errors import PublishError
+from batchscore.online.store import OnlineStore
+from batchscore.storage.object_store import ObjectStore, StoreError
+from batchscore.storage.tracking import batch_runs, model_metrics
+from batchscore.versions import new_version
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from batchscore.keys import row_keys
-from batchscore.models import MODEL_NAMES, labels_at, positive_proba
-from batchscore.online import OnlineStore
+from batchscore.online.store import OnlineStore
+from batchscore.rows.keys import row_keys
 from batchscore.sizing import machine_cores
-from batchscore.store import ObjectStore
-from batchscore.tracking import batch_runs, model_metrics, training_runs
+from batchscore.storage.object_store import ObjectStore
+from batchscore.storage.tracking import batch_runs, model_metrics, training_runs
+from batchscore.training.models import MODEL_NAMES, labels_at, positive_proba
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.flows
@@ -92,7 +92,7 @@ def check_batch(run, settings) -> None:
 def project(tmp_path: Path):
     """A project folder as a user has it: pyproject.toml on top, the notebook in notebooks/.
     The flows run from the top, the notebook from notebooks/ (as Jupyter runs it)."""
-    from batchscore.embedded_redis import stop_server
+    from batchscore.online.embedded_redis import stop_server
 
     project = tmp_path / "project"
     (project / "notebooks").mkdir(parents=True)
@@ -189,7 +189,7 @@ def test_service_mode_end_to_end(service_env, project, settings_for, notebook_ru
         assert profile.profile_uri.endswith("/profile.json") and len(profile.profile_sha256) == 64
 
     # Re-recording the same run (a retried store_results) replaces, never duplicates.
-    from batchscore.tracking import Tracker
+    from batchscore.storage.tracking import Tracker
 
     tracker = Tracker(service_env["BATCHSCORE_DATABASE_URL"])
     run_id = f"TrainModelsFlow/{train.id}"

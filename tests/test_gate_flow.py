@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from batchscore.cli import main as cli
-from batchscore.online import OnlineStore
-from batchscore.store import ObjectStore
-from batchscore.tracking import batch_runs
+from batchscore.online.store import OnlineStore
+from batchscore.storage.object_store import ObjectStore
+from batchscore.storage.tracking import batch_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.flows, pytest.mark.services]

@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from batchscore.data import InputError
-from batchscore.keys import (
+from batchscore.rows.errors import InputError
+from batchscore.rows.keys import (
     feature_bytes,
     first_occurrences,
     hash_rows,
@@ -136,8 +136,9 @@ def test_first_occurrences_marks_each_keys_first_row():
 def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, redis_client):
     """Arrow `string` holds at most 2 GiB of text: 64-byte keys wrap its int32 offsets past
     ~33.5M rows in one call. The limit is lowered here so that 101 rows cross it."""
-    from batchscore import keys as keys_module
-    from batchscore.online import OnlineStore, new_version
+    from batchscore.online.store import OnlineStore
+    from batchscore.rows import keys as keys_module
+    from batchscore.versions import new_version
 
     matrix = np.random.default_rng(4).normal(size=(101, 3))
     expected = [hashlib.sha256(r.astype("<f8").tobytes()).hexdigest() for r in matrix]
@@ -160,7 +161,7 @@ def test_one_id_rule_for_keys_and_quarantine_equal_to_pythons_whitespace():
     # every code point, so that quarantine and `id_keys` agree on what cannot be a key.
     import re
 
-    from batchscore.keys import bad_ids
+    from batchscore.rows.keys import bad_ids
 
     chars = [chr(c) for c in range(0x3100) if not 0xD800 <= c <= 0xDFFF]
     expected = [bool(re.search(r"[\s:*?\[\]]", f"id{c}")) for c in chars]

@@ -15,9 +15,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from batchscore.data import load_dataset
-from batchscore.evaluation import evaluate_model
-from batchscore.models import (
+from batchscore.training.datasets import load_dataset
+from batchscore.training.evaluation import evaluate_model
+from batchscore.training.models import (
     BRANCH_CPUS,
     CV_SCORING,
     MODEL_NAMES,
@@ -299,7 +299,7 @@ def test_threshold_metrics_equal_scikit_learns_degenerate_folds_included():
 
     from sklearn import metrics
 
-    from batchscore.threshold_metrics import METRICS
+    from batchscore.training.threshold_metrics import METRICS
 
     reference = {
         "f1": metrics.f1_score,

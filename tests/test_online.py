@@ -12,16 +12,11 @@ import pyarrow as pa
 import pytest
 import redis
 
-from batchscore.data import InputError
-from batchscore.keys import row_keys
-from batchscore.online import (
-    READ_SLICE,
-    OnlineStore,
-    PublishError,
-    SupersededError,
-    new_version,
-    ttl_seconds,
-)
+from batchscore.online.errors import PublishError, SupersededError
+from batchscore.online.store import READ_SLICE, OnlineStore, ttl_seconds
+from batchscore.rows.errors import InputError
+from batchscore.rows.keys import row_keys
+from batchscore.versions import new_version
 
 COLUMNS = ["a", "b", "c"]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

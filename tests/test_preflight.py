@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tcp_proxy import closed_port
 
-from batchscore.preflight import ServiceError, check_services
+from batchscore.orchestration.preflight import ServiceError, check_services
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +149,8 @@ def test_a_service_lost_mid_run_is_named_before_its_traceback(service_env, setti
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
 
-    from batchscore.fail_fast import _name_the_service
-    from batchscore.preflight import service_failure
+    from batchscore.orchestration.fail_fast import _name_the_service
+    from batchscore.orchestration.preflight import service_failure
 
     port = closed_port()
     redis_url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.csv  # noqa: F401 - pa.csv
 import pytest
 
-from batchscore.data import InputError, partition_rows
+from batchscore.rows.errors import InputError
+from batchscore.rows.validation import partition_rows
 
 
 def test_bad_cells_are_named_by_row_column_and_reason():
@@ -70,8 +71,8 @@ def test_a_bad_id_sets_its_row_aside_instead_of_rejecting_the_input():
 def test_plan_shards_quarantines_bad_ids_and_keys_the_rest_by_id(tmp_path, settings_for):
     import csv
 
-    from batchscore.batch import plan_shards
-    from batchscore.store import ObjectStore
+    from batchscore.batch.shards import plan_shards
+    from batchscore.storage.object_store import ObjectStore
 
     settings = settings_for(
         {"BATCHSCORE_HOME": str(tmp_path / "home"), "BATCHSCORE_ID_COLUMN": "customer"}

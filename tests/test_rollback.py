@@ -7,7 +7,8 @@ import threading
 import pytest
 from test_online import _publish, _value, _version
 
-from batchscore.online import OnlineStore, PublishError
+from batchscore.online.errors import PublishError
+from batchscore.online.store import OnlineStore
 
 
 @pytest.fixture

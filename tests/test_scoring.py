@@ -15,9 +15,15 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from batchscore.data import load_dataset
-from batchscore.models import MODEL_NAMES, labels_at, model_zoo, positive_proba, train_model
-from batchscore.scoring import LoadedModel, encode_predictions, predict
+from batchscore.batch.predictions import LoadedModel, encode_predictions, predict
+from batchscore.training.datasets import load_dataset
+from batchscore.training.models import (
+    MODEL_NAMES,
+    labels_at,
+    model_zoo,
+    positive_proba,
+    train_model,
+)
 
 CLASSES = ("benign", "malignant")
 

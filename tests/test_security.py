@@ -13,14 +13,15 @@ import pandas as pd
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from batchscore.batch import load_models
-from batchscore.data import InputError
-from batchscore.keys import id_keys
-from batchscore.models import IntegrityError, dump_model
-from batchscore.online import OnlineStore, new_version
-from batchscore.scoring import LoadedModel, encode_predictions
-from batchscore.store import ObjectStore
-from batchscore.tracking import Tracker
+from batchscore.batch.bundle import load_models
+from batchscore.batch.predictions import LoadedModel, encode_predictions
+from batchscore.online.store import OnlineStore
+from batchscore.rows.errors import InputError
+from batchscore.rows.keys import id_keys
+from batchscore.storage.object_store import ObjectStore
+from batchscore.storage.tracking import Tracker
+from batchscore.training.models import IntegrityError, dump_model
+from batchscore.versions import new_version
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a committed file may hold where a secret goes: an interpolation or a placeholder.

@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 from tcp_proxy import TcpProxy
 
-from batchscore.keys import row_keys
-from batchscore.online import OnlineStore, new_version
+from batchscore.online.store import OnlineStore
+from batchscore.rows.keys import row_keys
+from batchscore.versions import new_version
 
 pytestmark = pytest.mark.services
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchscore.store import LocalStore, ObjectStore, S3Store, StoreError
+from batchscore.storage.object_store import LocalStore, ObjectStore, S3Store, StoreError
 
 
 @pytest.fixture

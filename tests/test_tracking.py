@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from batchscore.tracking import (
+from batchscore.storage.tracking import (
     ModelRecord,
     Tracker,
     TrackingError,
@@ -225,8 +225,8 @@ def test_a_database_from_before_thresholds_gains_the_column(tracker):
 def test_each_training_run_keeps_its_own_test_split(tmp_path, settings_for):
     import pandas as pd
 
-    from batchscore.store import ObjectStore
-    from batchscore.training import prepare_data
+    from batchscore.storage.object_store import ObjectStore
+    from batchscore.training.steps import prepare_data
 
     settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
     first = prepare_data("breast_cancer", None, 0.2, 1, settings, run_id="TrainModelsFlow/1")

@@ -25,11 +25,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchscore.config import Settings
-from batchscore.data import InputError, iter_frames
-from batchscore.embedded_redis import stop_server
-from batchscore.online import OnlineStore, PublishError
-from batchscore.preflight import redis_error
-from batchscore.tracking import TrackingError
+from batchscore.online.embedded_redis import stop_server
+from batchscore.online.errors import PublishError
+from batchscore.online.store import OnlineStore
+from batchscore.orchestration.preflight import redis_error
+from batchscore.rows.errors import InputError
+from batchscore.storage.tables import iter_frames
+from batchscore.storage.tracking import TrackingError
 
 ROW_KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -227,7 +229,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Each worker writes its counters here; /metrics adds them up (prometheus_client).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="batchscore-metrics-")
     uvicorn.run(
-        "batchscore.service:create_app",
+        "batchscore.service.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,

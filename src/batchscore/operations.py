@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batchscore.config import Settings
-from batchscore.online import OnlineStore, PublishError
-from batchscore.tracking import Tracker
+from batchscore.online.errors import PublishError
+from batchscore.online.store import OnlineStore
+from batchscore.storage.tracking import Tracker
 
 
 def history(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:

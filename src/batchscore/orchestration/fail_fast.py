@@ -29,7 +29,7 @@ def deterministic() -> tuple[type[BaseException], ...]:
     (`models.IntegrityError`) will fail it again. That error is only raised once
     `batchscore.models` is imported, so it is looked up, not imported: importing it here
     would cost every step scikit-learn's import."""
-    models = sys.modules.get("batchscore.models")
+    models = sys.modules.get("batchscore.training.models")
     return (ValueError, models.IntegrityError) if models else (ValueError,)
 
 
@@ -48,7 +48,7 @@ def fail_fast(step_name: str, flow: Any, inputs: Any = None, attributes: Any = N
 def _name_the_service(step_name: str, exc: BaseException) -> None:
     """Before a service error's traceback (and Metaflow's retry), the setting to check."""
     try:
-        from batchscore.preflight import service_failure
+        from batchscore.orchestration.preflight import service_failure
 
         line = service_failure(exc)
     except Exception:  # only a hint: never hide the error itself

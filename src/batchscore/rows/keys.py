@@ -31,7 +31,7 @@ def feature_bytes(features: np.ndarray) -> np.ndarray:
     if matrix.ndim == 1:
         matrix = matrix.reshape(1, -1)
     if not np.isfinite(matrix).all():
-        from batchscore.data import InputError
+        from batchscore.rows.errors import InputError
 
         row, col = (int(i[0]) for i in np.nonzero(~np.isfinite(matrix)))
         raise InputError(f"row {row + 1}, feature {col + 1}: NaN or inf cannot be keyed")
@@ -109,7 +109,7 @@ def id_keys(
     ids: pd.Series, source: str = "input", column: str = "id", first_row: int = 1
 ) -> list[str]:
     """Keys from an id column: its values as text, each present and free of ':' and spaces."""
-    from batchscore.data import InputError
+    from batchscore.rows.errors import InputError
 
     text = ids.astype("string")
     bad = bad_ids(pa.array(text, pa.string()))

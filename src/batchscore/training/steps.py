@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from batchscore.batch.drift import ReferenceProfile
 from batchscore.config import Settings
-from batchscore.data import Dataset, load_dataset
-from batchscore.drift import ReferenceProfile
-from batchscore.models import TrainedModel
-from batchscore.store import ObjectStore
-from batchscore.tracking import Tracker
+from batchscore.storage.object_store import ObjectStore
+from batchscore.storage.tracking import Tracker
+from batchscore.training.datasets import Dataset, load_dataset
+from batchscore.training.models import TrainedModel
 
 
 @dataclass
@@ -91,7 +91,7 @@ def evaluate_all(
     trained: dict[str, TrainedModel], data: PreparedData
 ) -> tuple[dict[str, dict[str, Any]], dict[str, bytes]]:
     """Every model on the test split: full results (for the card) and PNG figures."""
-    from batchscore.evaluation import evaluate_model, figures  # matplotlib: this step only
+    from batchscore.training.evaluation import evaluate_model, figures  # matplotlib: this step only
 
     results = {
         name: evaluate_model(model.estimator, data.test_features, data.test_labels, model.threshold)
@@ -161,7 +161,7 @@ def save_training(
 
 def reference_profile(champion: TrainedModel, data: PreparedData) -> ReferenceProfile:
     """The training features' bins and the champion's scores on the rows it learned from."""
-    from batchscore.models import positive_proba
+    from batchscore.training.models import positive_proba
 
     scores = positive_proba(champion.estimator, data.train_features)
     return ReferenceProfile.build(

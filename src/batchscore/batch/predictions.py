@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchscore.models import labels_at, positive_proba, published_proba
+from batchscore.training.models import labels_at, positive_proba, published_proba
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchscore.drift import SCORE_BINS, BatchProfile, ReferenceProfile
-from batchscore.gate import GateResult
+from batchscore.batch.drift import SCORE_BINS, BatchProfile, ReferenceProfile
+from batchscore.batch.gate import GateResult
 
 TOP_FEATURES = 15  # drifted features listed on the card
 

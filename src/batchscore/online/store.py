@@ -18,200 +18,36 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from batchscore.config import Settings
-from batchscore.embedded_redis import ensure_server
-from batchscore.keys import id_keys, row_keys
-from batchscore.versions import new_version  # noqa: F401  (re-exported)
+from batchscore.online.connection import connect
+from batchscore.online.errors import PublishError, SupersededError
+from batchscore.online.writer import WRITE_CHUNK, ShardWriter
+from batchscore.rows.keys import id_keys, row_keys
 
 if TYPE_CHECKING:  # pandas and the table readers cost every batch-flow step 0.3 s to import
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 2_000  # keys per MSET: 1,000-5,000 measured best (benchmarks/README.md)
-_BLOCK_ROWS = 20_000  # rows per pipeline: one round of replies, a few MB in flight
 SCAN_COUNT = 5_000
 KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses its version
 
-# Publish: never backwards, only a version still staged, every shard counted, then switch
-# (re-publishing the current version is a no-op that reports success, so a resumed step is
-# safe). Supersession is checked first: a superseded run is told so, not that it is
-# incomplete. KEYS: pointer, manifest, versions, staged. ARGV: version, keys, shards, now.
-_PUBLISH = """
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
-  return 1
-end
-if current and current > ARGV[1] then
-  return 0
-end
--- Staged, or published before and rolled back from (promote brings it back).
-if not redis.call('ZSCORE', KEYS[4], ARGV[1]) and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-  return redis.error_reply('NOTSTAGED ' .. ARGV[1] .. ' is not staged (discarded, or never opened)')
-end
-local fields = redis.call('HGETALL', KEYS[2])
-local written, shards = 0, 0
-for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 6) == 'shard:' then
-    written = written + tonumber(fields[i + 1])
-    shards = shards + 1
-  end
-end
-if written ~= tonumber(ARGV[2]) or shards ~= tonumber(ARGV[3]) then
-  return redis.error_reply('INCOMPLETE ' .. written .. ' keys in ' .. shards ..
-    ' shards, expected ' .. ARGV[2] .. ' in ' .. ARGV[3])
-end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('HSET', KEYS[2], 'status', 'current', 'published_at', ARGV[4])
-return 1
-"""
-
-# A shard's count is recorded only while its version is still staged (or already live):
-# a version that `retire` dropped mid-write must not get its manifest back.
-# KEYS: manifest, staged, versions. ARGV: version, count field, count, sample field, sample.
-_RECORD_SHARD = """
-if not redis.call('ZSCORE', KEYS[2], ARGV[1]) and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-"""
 
 READ_SLICE = 1_000  # keys per MGET: Redis serves other clients between slices
-SAMPLE_KEYS = 1_024  # keys per shard checked with EXISTS before the switch
 SAFE_POLICY = "noeviction"
+_SCRIPTS = resources.files("batchscore.online") / "scripts"
 
 
-# Rollback: `current` back to the newest kept version older than it, in one step, and only
-# if `current` is still what the caller saw. KEYS: pointer, versions. ARGV: prefix,
-# expected current, now. Returns the version now current.
-_ROLLBACK = """
-local current = redis.call('GET', KEYS[1])
-if not current then
-  return redis.error_reply('NOVERSION nothing is published')
-end
-if current ~= ARGV[2] then
-  return redis.error_reply('MOVED the live version changed to ' .. current .. ' meanwhile')
-end
-local older = redis.call('ZRANGE', KEYS[2], 0, -1)
-local previous = false
-for i = 1, #older do
-  if older[i] < current and (not previous or older[i] > previous) then
-    previous = older[i]
-  end
-end
-if not previous then
-  return redis.error_reply('NOPREVIOUS no published version older than ' .. current .. ' is kept')
-end
-local manifest = ARGV[1] .. ':manifest:' .. previous
-if redis.call('EXISTS', manifest) == 0 then
-  return redis.error_reply('RETIRED ' .. previous .. ' has been retired')
-end
-redis.call('SET', KEYS[1], previous)
-redis.call('HSET', manifest, 'status', 'current', 'restored_at', ARGV[3])
-redis.call('HSET', ARGV[1] .. ':manifest:' .. current, 'status', 'rolled back',
-  'rolled_back_at', ARGV[3])
-return previous
-"""
-
-
-# HSET into a manifest only while it exists. KEYS: manifest. ARGV: field, value, ...
-_ANNOTATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
-
-class PublishError(RuntimeError):
-    """The new version is incomplete or lost keys; `current` was left where it was."""
-
-
-class SupersededError(PublishError):
-    """A newer version went live while this one was being written: it can never be published."""
-
-
-class KeySample:
-    """A uniform random sample of a shard's row keys, plus the last one written.
-
-    Each key gets a random priority and the `size` lowest are kept (a reservoir sample
-    built a block at a time), so every key is equally likely to be checked before the
-    switch; the last key is always kept, since a failover loses the newest writes first.
-    """
-
-    def __init__(self, size: int = SAMPLE_KEYS) -> None:
-        self.size = size
-        self._keys = pa.array([], pa.string())
-        self._priority = np.empty(0)
-        self._last: str | None = None
-        self._random = np.random.default_rng()
-
-    def add(self, keys: pa.StringArray) -> None:
-        if not len(keys):
-            return
-        self._last = keys[len(keys) - 1].as_py()
-        pool = pa.concat_arrays([self._keys, keys])
-        priority = np.concatenate([self._priority, self._random.random(len(keys))])
-        if len(pool) > self.size:
-            keep = np.argpartition(priority, self.size)[: self.size]
-            pool, priority = pool.take(pa.array(keep)), priority[keep]
-        self._keys, self._priority = pool, priority
-
-    def keys(self) -> list[str]:
-        sample = self._keys.to_pylist()
-        if self._last is not None and self._last not in sample:
-            sample.append(self._last)
-        return sample
-
-
-def connect(settings: Settings) -> redis.Redis:
-    """A client for `BATCHSCORE_REDIS_URL`, or the embedded Redis when none is set.
-
-    Connection errors are retried with jittered backoff; every write is idempotent
-    (SET of a key, HSET of a shard's count), so replaying a pipeline is safe.
-    """
-    retry = Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), retries=5)
-    errors = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
-    if settings.redis_url:
-        return redis.Redis.from_url(
-            settings.redis_url,
-            retry=retry,
-            retry_on_error=errors,
-            socket_connect_timeout=5,
-            socket_timeout=30,
-            health_check_interval=30,
-        )
-    socket = ensure_server(settings.embedded_redis_path)
-    return redis.Redis(unix_socket_path=str(socket), retry=retry, retry_on_error=errors)
-
-
-def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:
-    """Text without nulls, as `string` or `large_string` (hash_rows of a huge shard)."""
-    if isinstance(items, pa.ChunkedArray):
-        items = items.combine_chunks()
-    if not isinstance(items, pa.Array):
-        items = pa.array(items, pa.string())
-    text = pa.types.is_string(items.type) or pa.types.is_large_string(items.type)
-    if not text or items.null_count:
-        raise ValueError(f"{what} must be text without nulls, not {items.type}")
-    return items
+def _script(name: str) -> str:
+    """A Lua script of `scripts/`: publish, record_shard, rollback, annotate."""
+    return (_SCRIPTS / f"{name}.lua").read_text()
 
 
 def ttl_seconds(days: float) -> int | None:
@@ -236,10 +72,10 @@ class OnlineStore:
         self.pointer = f"{prefix}:current"
         self.versions = f"{prefix}:versions"
         self.staged = f"{prefix}:staged"
-        self._publish = client.register_script(_PUBLISH)
-        self._record_shard = client.register_script(_RECORD_SHARD)
-        self._rollback = client.register_script(_ROLLBACK)
-        self._annotate = client.register_script(_ANNOTATE)
+        self._publish = client.register_script(_script("publish"))
+        self._record_shard = client.register_script(_script("record_shard"))
+        self._rollback = client.register_script(_script("rollback"))
+        self._annotate = client.register_script(_script("annotate"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OnlineStore:
@@ -467,7 +303,8 @@ class OnlineStore:
         """The row keys of raw rows under the version's own key scheme: the id column's
         text for an id-keyed version, else the hash of the feature columns (training
         order: `feature_columns`, default what the version recorded)."""
-        from batchscore.data import InputError, to_feature_frame
+        from batchscore.rows.errors import InputError
+        from batchscore.rows.validation import to_feature_frame
 
         scheme, id_column = self.key_scheme(version)
         if scheme == "id":
@@ -576,108 +413,3 @@ class OnlineStore:
                 args=[x for pair in zip(fields, values, strict=True) for x in pair],
             )
         )
-
-
-class ShardWriter:
-    """Streams one shard's rows into a staged version through redis-py pipelines.
-
-    Without a TTL a chunk is one MSET (one reply); with one it is a run of
-    `SET name value EX ttl`, about half as fast on the server. The rows of each `write`
-    (in `score_shard`, a block of 50,000) go as pipelines of `_BLOCK_ROWS` without MULTI,
-    packed by hiredis and executed on a background thread, so that Redis stores the last
-    of them while the caller scores the next block.
-    A dropped connection is retried under the client's policy by resending the whole
-    pipeline (MSET and SET are idempotent). On a clean exit the writer waits for the last
-    block, checks that every key was acknowledged, and only then records the shard's count,
-    so a shard that died midway is never counted.
-    """
-
-    def __init__(
-        self,
-        store: OnlineStore,
-        version: str,
-        shard: str | int,
-        ttl_seconds: int | None = None,
-        chunk: int = WRITE_CHUNK,
-    ) -> None:
-        self.store, self.version, self.shard = store, version, shard
-        self.ttl, self.chunk = ttl_seconds, chunk
-        self.base = f"{store.prefix}:{version}:"
-        self.sent = 0
-        self.landed = 0
-        self._sender: ThreadPoolExecutor | None = None
-        self._in_flight: Future[None] | None = None  # the previous block's pipeline
-        self.sample = KeySample()  # checked by `OnlineStore.verify` before the switch
-
-    def __enter__(self) -> ShardWriter:
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        sender, self._sender = self._sender, None
-        try:
-            if kind is None:
-                self._wait()
-        finally:
-            sender.shutdown(wait=True, cancel_futures=True)
-        if kind is None:
-            self._record()
-
-    def write(self, row_keys: pa.Array | Sequence[str], values: pa.Array | Sequence[str]) -> None:
-        """Queue these rows (a block of any size); the previous block's replies are checked."""
-        if self._sender is None:
-            raise RuntimeError("use the writer as a context manager: `with store.writer(...)`")
-        keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
-        if len(keys) != len(texts):
-            raise ValueError(f"{len(keys)} keys but {len(texts)} values")
-        for block in range(0, len(keys), _BLOCK_ROWS):
-            # Names and values as bytes, straight from Arrow: nothing to encode per key.
-            block_keys = keys.slice(block, _BLOCK_ROWS).cast(pa.string())
-            self.sample.add(block_keys)
-            names = pc.binary_join_element_wise(self.base, block_keys, "")
-            pipe, sizes = self._pipeline(
-                _as_bytes(names), _as_bytes(texts.slice(block, _BLOCK_ROWS))
-            )
-            self._wait()
-            self.sent += sum(sizes)
-            self._in_flight = self._sender.submit(self._execute, pipe, sizes)
-
-    def _pipeline(self, names: np.ndarray, values: np.ndarray) -> tuple[Any, list[int]]:
-        pipe = self.store.client.pipeline(transaction=False)
-        sizes = []
-        for start in range(0, len(names), self.chunk):
-            chunk_names = names[start : start + self.chunk]
-            chunk_values = values[start : start + self.chunk]
-            if self.ttl:
-                for name, value in zip(chunk_names, chunk_values, strict=True):
-                    pipe.execute_command("SET", name, value, "EX", self.ttl)
-                sizes += [1] * len(chunk_names)
-            else:
-                pairs = np.empty(2 * len(chunk_names), dtype=object)
-                pairs[0::2], pairs[1::2] = chunk_names, chunk_values
-                pipe.execute_command("MSET", *pairs)
-                sizes.append(len(chunk_names))
-        return pipe, sizes
-
-    def _execute(self, pipe: Any, sizes: list[int]) -> None:
-        for size, reply in zip(sizes, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(reply, Exception):
-                log.warning("Redis refused a write: %s", reply)
-            elif reply:
-                self.landed += size
-
-    def _wait(self) -> None:
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            in_flight.result()  # a failed block's error surfaces here
-
-    def _record(self) -> None:
-        if self.landed != self.sent:
-            raise PublishError(
-                f"shard {self.shard}: Redis acknowledged {self.landed} of {self.sent}"
-            )
-        self.store.record_shard(self.version, self.shard, self.landed, self.sample.keys())
-
-
-def _as_bytes(texts: pa.Array) -> np.ndarray:
-    return texts.cast(pa.binary()).to_numpy(zero_copy_only=False)

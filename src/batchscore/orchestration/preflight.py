@@ -108,7 +108,7 @@ def check_store(settings: Settings) -> None:
         raise ServiceError("BATCHSCORE_STORE_URL", url, "use file:// or s3://")
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from batchscore.store import s3_client
+    from batchscore.storage.object_store import s3_client
 
     try:
         s3_client(settings).head_bucket(Bucket=parts.netloc)

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from batchscore.model_record import ModelRecord
+from batchscore.storage.model_record import ModelRecord
 
 metadata = MetaData()
 

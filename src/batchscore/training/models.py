@@ -266,7 +266,7 @@ def _tune_threshold(
     from sklearn.base import clone
     from sklearn.model_selection import TunedThresholdClassifierCV
 
-    from batchscore.threshold_metrics import threshold_scorer
+    from batchscore.training.threshold_metrics import threshold_scorer
 
     tuned = TunedThresholdClassifierCV(
         pipeline,

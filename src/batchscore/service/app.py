@@ -53,9 +53,9 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from batchscore.config import Settings
-from batchscore.embedded_redis import ensure_server
-from batchscore.keys import row_keys
-from batchscore.online import OnlineStore
+from batchscore.online.embedded_redis import ensure_server
+from batchscore.online.store import OnlineStore
+from batchscore.rows.keys import row_keys
 
 log = logging.getLogger(__name__)
 

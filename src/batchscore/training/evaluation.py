@@ -29,7 +29,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from batchscore.models import labels_at, positive_proba  # noqa: E402
+from batchscore.training.models import labels_at, positive_proba  # noqa: E402
 
 METRIC_NAMES = ("precision", "recall", "f1", "roc_auc", "accuracy")
 

@@ -1,0 +1,205 @@
+"""Stage a version, then publish it through the gate once every shard has landed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from batchscore.config import Settings
+
+if TYPE_CHECKING:
+    from batchscore.batch.bundle import ModelBundle, ModelFiles
+    from batchscore.batch.report import BatchReport
+    from batchscore.batch.scoring import ShardResult
+    from batchscore.batch.shards import ShardPlan
+    from batchscore.online.store import OnlineStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    rows_scored: int
+    keys_written: int
+    published: bool  # False: blocked by the gate, or a newer version was already current
+    retired: list[str]
+    report: BatchReport | None = None  # None: the model recorded no reference profile
+
+    @property
+    def blocked(self) -> bool:
+        return self.report is not None and not self.report.gate.passed
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """What a batch must satisfy to go live (the flow's `--max_drift`, `--max_bad_rows`)."""
+
+    max_drift: float = 0.25
+    max_bad_rows: float = 0.0
+
+
+def publish(
+    run_id: str,
+    version: str,
+    results: list[ShardResult],
+    input_uri: str,
+    bundle: ModelBundle | ModelFiles,
+    settings: Settings,
+    scratch: Sequence[str] = (),
+    plan: ShardPlan | None = None,
+    limits: GateLimits = GateLimits(),  # noqa: B008 - frozen, so one shared default is safe
+) -> PublishResult:
+    """Gate the batch, then switch readers to it once every shard is counted and its sampled
+    keys are still in Redis; record the run and its report.
+
+    A batch the gate blocks stays staged (readers never see it) for `promote`. A version
+    superseded by a newer live one is discarded. Either way the run is over, so its scratch
+    shards are deleted; on an error they stay, for `resume`.
+    """
+    from batchscore.online.store import OnlineStore
+    from batchscore.storage.object_store import ObjectStore
+    from batchscore.storage.tracking import Tracker
+
+    started = time.perf_counter()
+    online = OnlineStore.from_settings(settings)
+    rows = sum(r.rows_scored for r in results)
+    keys = sum(r.keys_written for r in results)
+    report = _report(version, results, bundle, online, plan, limits)
+    record = {
+        "input_uri": input_uri,
+        "training_run_id": bundle.training_run_id,
+        "models": bundle.names,
+        "redis_version": version,
+        "rows_scored": rows,
+        "keys_written": keys,
+        "published": False,
+        "rows_read": plan.rows_read if plan else rows,
+        "rows_rejected": plan.rows_rejected if plan else 0,
+        "duplicates": sum(r.duplicates for r in results),
+    }
+    # What `promote` needs to publish this version later with the same checks, and the
+    # gate's verdict (the next batch's report compares its scores with `score_counts`).
+    fields: dict[str, object] = {"keys_expected": keys, "shards_expected": len(results)}
+    if report is not None:
+        record.update(report.summary())
+        fields.update(
+            gate=report.gate.summary,
+            max_drift=round(report.max_drift, 6),
+            score_counts=report.score_counts,
+        )
+    online.annotate(version, fields)
+    with Tracker(settings.resolved_database_url) as tracker:
+        # Recorded before the switch: a live version always has its lineage row.
+        tracker.record_batch(run_id, record)
+        blocked = report is not None and not report.gate.passed
+        published = not blocked and online.publish(version, keys, len(results))
+        if published:
+            tracker.mark_published(run_id)
+    retired: list[str] = []
+    if published:
+        try:
+            retired = online.retire(settings.keep_versions)
+        except Exception as exc:  # housekeeping only: the new version is already live
+            log.warning("could not retire old versions: %s", exc)
+    elif blocked:
+        log.warning("%s stays staged: %s", version, report.gate.summary)
+    else:
+        log.warning("%s was superseded by %s: discarded", version, online.current())
+        online.discard(version)
+    store = ObjectStore.from_settings(settings)
+    for uri in scratch:
+        store.delete(uri)
+    if report is not None:
+        report.seconds["publish"] = time.perf_counter() - started
+    return PublishResult(rows, keys, published, retired, report)
+
+
+def _report(
+    version: str,
+    results: list[ShardResult],
+    bundle: ModelBundle | ModelFiles,
+    online: OnlineStore,
+    plan: ShardPlan | None,
+    limits: GateLimits,
+) -> BatchReport | None:
+    """The shards' counts merged and judged: drift against training, rejected rows."""
+    from batchscore.batch import gate
+    from batchscore.batch.drift import BatchProfile
+    from batchscore.batch.report import build_report
+
+    reference = bundle.reference
+    if reference is None or any(r.profile is None for r in results):
+        return None
+    profile = BatchProfile.merge([BatchProfile.from_dict(r.profile) for r in results])
+    rows_read = plan.rows_read if plan else sum(r.rows_scored for r in results)
+    rejected = plan.rows_rejected if plan else 0
+    drift = profile.drift(reference)
+    noise = profile.noise(reference)
+    live = online.current()
+    live_counts = online.client.hget(online.manifest(live), "score_counts") if live else None
+    seconds: dict[str, float] = {}
+    for result in results:
+        for stage_name, value in result.seconds.items():
+            seconds[stage_name] = seconds.get(stage_name, 0.0) + value
+    return build_report(
+        version=version,
+        model=bundle.champion,
+        threshold=bundle.threshold,
+        training_run_id=bundle.training_run_id,
+        classes=bundle.classes,
+        reference=reference,
+        profile=profile,
+        drift=drift,
+        noise=max(noise.values(), default=0.0),
+        rows_read=rows_read,
+        duplicates=sum(r.duplicates for r in results),
+        rows_rejected=rejected,
+        gate=gate.check(
+            drift,
+            rows_read,
+            rejected,
+            limits.max_drift,
+            limits.max_bad_rows,
+            noise,
+        ),
+        live_version=live,
+        live_score_counts=json.loads(live_counts) if live_counts else None,
+        seconds=seconds,
+        rejected_uri=plan.rejected_uri if plan else None,
+    )
+
+
+def stage(
+    version: str,
+    run_id: str,
+    input_uri: str,
+    bundle: ModelBundle | ModelFiles,
+    settings: Settings,
+    ttl_seconds: int | None = None,
+) -> None:
+    """Open the run's Redis version (invisible to readers until `publish`)."""
+    from batchscore.online.store import OnlineStore
+
+    OnlineStore.from_settings(settings).stage(
+        version,
+        {
+            "run_id": run_id,
+            "input": input_uri,
+            "model": bundle.champion,
+            "models": ",".join(bundle.names),
+            "training_run_id": bundle.training_run_id,
+            "feature_columns": bundle.feature_columns,
+            "classes": list(bundle.classes),
+            # Readers (library, CLI, notebook, HTTP) key rows as this version did.
+            **(
+                {"key_scheme": "id", "id_column": settings.id_column}
+                if settings.id_column
+                else {"key_scheme": "feature_hash"}
+            ),
+        },
+        ttl_seconds,
+    )
