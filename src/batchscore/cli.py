@@ -202,14 +202,9 @@ def _iso(epoch: float) -> str:
 def _lookup(
     online: OnlineStore, args: argparse.Namespace, settings: Settings, console: Console
 ) -> int:
-    if args.sample:
-        args.csv = online.status().get("input")
-        args.limit = args.sample
-        if not args.csv:
-            raise LookupError("no published version to sample from")
-    if bool(args.keys) == bool(args.csv):
+    if [bool(args.keys), bool(args.csv), bool(args.sample)].count(True) != 1:
         raise InputError("give row keys, --csv or --sample: exactly one of them")
-    keys = list(args.keys)
+    keys = _sample_keys(online, args.sample, settings) if args.sample else list(args.keys)
     if args.csv:
         # Rows are keyed as the live version keyed them (its manifest says how), with the
         # batch flow's own checks: a missing column or a bad cell is named.
@@ -254,13 +249,28 @@ def _lookup(
         k for k, p in zip(keys, predictions, strict=True) if p is None and not ROW_KEY.fullmatch(k)
     ]
     # Keys of a feature-hash version are SHA-256 hex; an id-keyed version takes any id.
-    if malformed and not args.csv and version and online.key_scheme(version)[0] != "id":
+    if malformed and args.keys and version and online.key_scheme(version)[0] != "id":
         console.print(
             f"{', '.join(malformed[:3])}: row keys are 64 hex characters (the SHA-256 of a "
             "row's feature values); to look rows up from their values use --csv",
             highlight=False,
         )
     return status
+
+
+def _sample_keys(online: OnlineStore, count: int, settings: Settings) -> list[str]:
+    """Keys of the first `count` rows the live version published: rows its run set aside
+    (`--bad_rows quarantine`) are left out here too, instead of failing the strict check."""
+    from batchscore.rows.published import read_published_rows
+
+    version = online.current()
+    source = _manifest_field(online, version, "input")
+    if not source:
+        raise LookupError("no published version to sample from")
+    _, id_column = online.key_scheme(version)
+    columns = online.feature_columns(version)
+    rows = read_published_rows(source, columns, settings, id_column, limit=count)
+    return online.keys_for(rows, version, columns, source)
 
 
 def _manifest_field(online: OnlineStore, version: str | None, name: str) -> str | None:
