@@ -400,3 +400,16 @@ def test_lookup_never_wraps_a_row_key(published, cli_env, tmp_path):
     assert result.returncode == 0
     for key in keys:
         assert _row(result.stdout, key)[0] == key
+
+
+def test_status_json_after_the_live_version_expired(redis_client, redis_prefix, cli_env, tmp_path):
+    online = OnlineStore(redis_client, prefix=redis_prefix)
+    version = new_version("BatchProcessingFlow/1")
+    online.stage(version, {"model": "svc", "feature_columns": COLUMNS}, ttl_seconds=60)
+    online.write(version, 0, ["k"], ["{}"], ttl_seconds=60)
+    assert online.publish(version, 1, 1)
+    redis_client.delete(online.manifest(version), online.key(version, "k"))  # what TTL does
+    result = _cli(["status", "--json"], cli_env, tmp_path)
+    assert result.returncode == 1
+    status = json.loads(result.stdout)
+    assert (status["version"], status["expired"], status["published_at"]) == (version, True, None)
