@@ -291,3 +291,125 @@ def test_lookup_rows_of_an_id_keyed_version_by_id(redis_client, redis_prefix, cl
     result = _cli(["lookup", "7"], cli_env, tmp_path)
     assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
     assert "64 hex characters" not in result.stdout
+
+
+# ------------------------------------------------------------- output for people and scripts
+
+
+def _record_run(database_url: str, run_id: str, version: str, published: bool) -> None:
+    from batchscore.storage.tracking import Tracker
+
+    with Tracker(database_url) as tracker:
+        tracker.record_batch(
+            run_id,
+            {
+                "input_uri": "s3://batch/data/a-long-folder-name/of-inputs/breast_cancer.csv",
+                "training_run_id": "TrainModelsFlow/argo-trainmodelsflow-8mz4q",
+                "models": ["svc", "knn", "logreg", "tree", "xgboost"],
+                "redis_version": version,
+                "rows_scored": 114,
+                "keys_written": 114,
+                "published": published,
+                "rows_read": 114,
+                "rows_rejected": 0,
+                "max_drift": 0.0123,
+                "max_drift_feature": "worst fractal dimension",
+                "gate": "passed: drift 0.012 <= 0.25, 0 of 114 rows rejected",
+            },
+        )
+
+
+@pytest.fixture
+def two_runs(published, postgres_url, cli_env) -> tuple[dict[str, str], list[str]]:
+    """The published version and an Argo-named one (long run ids), both in the database."""
+    live, _ = published
+    argo = new_version("BatchProcessingFlow/argo-batchprocessingflow-7x2kq9wz4b")
+    _record_run(postgres_url, "BatchProcessingFlow/42", live, True)
+    _record_run(
+        postgres_url, "BatchProcessingFlow/argo-batchprocessingflow-7x2kq9wz4b", argo, False
+    )
+    return cli_env | {"BATCHSCORE_DATABASE_URL": postgres_url}, [argo, live]
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_history_never_wraps_a_version(two_runs, tmp_path, columns):
+    # Piped (as into grep) and whatever COLUMNS says: each version whole, on one line.
+    env, versions = two_runs
+    result = _cli(["history"], env | {"COLUMNS": columns}, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for version in versions:
+        lines = [line for line in result.stdout.splitlines() if version in line]
+        assert len(lines) == 1, f"{version} not on one line:\n{result.stdout}"
+        assert _row(result.stdout, version)[0] == version
+    live = _row(result.stdout, versions[1])
+    assert "current" in live and "svc,knn,logreg,tree,xgboost" in live
+
+
+def test_history_json(two_runs, tmp_path):
+    env, versions = two_runs
+    result = _cli(["history", "--json"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(result.stdout)
+    assert [run["version"] for run in runs] == versions  # newest first
+    assert runs[1]["status"] == "current" and runs[0]["status"] == "retired"
+    assert runs[1]["rows"] == 114
+
+
+def test_status_json_includes_the_live_version(published, cli_env, tmp_path):
+    version, _ = published
+    result = _cli(["status", "--json"], cli_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["version"] == version
+    assert (status["rows"], status["model"], status["expired"]) == (3, "svc", False)
+    assert status["training_run_id"] == "TrainModelsFlow/7"
+    assert datetime.fromisoformat(status["published_at"]).tzinfo is not None
+    assert 0 <= status["age_seconds"] < 600
+
+
+def test_status_json_without_a_version(cli_env, tmp_path):
+    result = _cli(["status", "--json"], cli_env, tmp_path)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["version"] is None
+
+
+def test_lookup_json(published, cli_env, tmp_path):
+    version, keys = published
+    absent = "0" * 64
+    result = _cli(["lookup", "--json", keys[0], absent], cli_env, tmp_path)
+    assert result.returncode == 1  # one key not found, as without --json
+    answer = json.loads(result.stdout)
+    assert answer["version"] == version
+    assert answer["keys"] == [keys[0], absent]
+    assert answer["found"] == 1
+    assert answer["predictions"][0]["class"] == "malignant"
+    assert answer["predictions"][1] is None
+
+
+def test_json_errors_are_json(published, cli_env, tmp_path):
+    path = tmp_path / "rows.csv"
+    ROWS.drop(columns=["mean texture"]).to_csv(path, index=False)
+    result = _cli(["lookup", "--json", "--csv", str(path)], cli_env, tmp_path)
+    assert result.returncode == 2
+    assert "missing feature column(s) ['mean texture']" in json.loads(result.stdout)["error"]
+
+
+def test_lookup_never_wraps_a_row_key(published, cli_env, tmp_path):
+    _, keys = published
+    result = _cli(["lookup", *keys], cli_env | {"COLUMNS": "60"}, tmp_path)
+    assert result.returncode == 0
+    for key in keys:
+        assert _row(result.stdout, key)[0] == key
+
+
+def test_status_json_after_the_live_version_expired(redis_client, redis_prefix, cli_env, tmp_path):
+    online = OnlineStore(redis_client, prefix=redis_prefix)
+    version = new_version("BatchProcessingFlow/1")
+    online.stage(version, {"model": "svc", "feature_columns": COLUMNS}, ttl_seconds=60)
+    online.write(version, 0, ["k"], ["{}"], ttl_seconds=60)
+    assert online.publish(version, 1, 1)
+    redis_client.delete(online.manifest(version), online.key(version, "k"))  # what TTL does
+    result = _cli(["status", "--json"], cli_env, tmp_path)
+    assert result.returncode == 1
+    status = json.loads(result.stdout)
+    assert (status["version"], status["expired"], status["published_at"]) == (version, True, None)

@@ -56,6 +56,7 @@ from batchscore.config import Settings
 from batchscore.online.embedded_redis import ensure_server
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
+from batchscore.service.docs import mount_docs
 
 log = logging.getLogger(__name__)
 
@@ -568,7 +569,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
         default_response_class=JSONAnswer,
+        docs_url=None,  # FastAPI's /docs and /redoc load from a CDN: mount_docs serves /docs
+        redoc_url=None,
     )
+    mount_docs(app)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(MetricsMiddleware)  # the outermost: it sees the 500s too
 
