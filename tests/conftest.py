@@ -288,7 +288,7 @@ def start_redis_cluster(folder: Path, masters: int = 3):
 
     import redis
 
-    for attempt in range(3):
+    for _attempt in range(3):
         ports = _free_ports(masters)
         processes = []
         for port in ports:

@@ -193,14 +193,9 @@ def _lookup(
     return 0 if found == len(keys) else 1
 
 
-def _manifest_field(online: OnlineStore, version: str | None, name: str) -> str | None:
-    raw = online.client.hget(online.manifest(version), name) if version else None
-    return raw.decode() if raw is not None else None
-
-
 def _positive_class(online: OnlineStore, version: str | None) -> str | None:
     """The class `proba` is the probability of: label 1, the second of the version's classes."""
-    classes = _manifest_field(online, version, "classes")
+    classes = online.manifest_field(version, "classes")
     try:
         return str(json.loads(classes)[1]) if classes else None
     except (ValueError, IndexError, TypeError):

@@ -78,7 +78,12 @@ def _glob_escape(text: str) -> str:
 class OnlineStore:
     """Write prediction sets in batches, publish them atomically, read them back."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "predictions") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "predictions",
+        legacy_id_column: str | None = None,
+    ) -> None:
         if not prefix or re.search(r"[\s:{}]", prefix):
             raise ValueError(
                 f"Redis prefix {prefix!r} must be non-empty, without ':', braces or spaces"
@@ -98,10 +103,15 @@ class OnlineStore:
         self._annotate = client.register_script(_script("annotate"))
         self._retire = client.register_script(_script("retire"))
         self._layouts: dict[str, Layout] = {}  # published versions never change
+        # How versions that predate the manifest's `key_scheme` were keyed: the settings say.
+        self.legacy_id_column = legacy_id_column
 
     @classmethod
     def from_settings(cls, settings: Settings, use: Use = "batch") -> OnlineStore:
-        return cls(connect(settings, use), settings.redis_prefix)
+        return cls(connect(settings, use), settings.redis_prefix, settings.id_column)
+
+    def close(self) -> None:
+        self.client.close()
 
     def manifest(self, version: str) -> str:
         return f"{self.tag}:manifest:{version}"
@@ -361,11 +371,15 @@ class OnlineStore:
             return None
         if version in self._layouts:
             return self._layouts[version]
-        values = self.client.hmget(self.manifest(version), FIELDS)
-        layout = Layout.from_manifest(self.prefix, version, values)
+        layout = self.layout_of(version, self.client.hmget(self.manifest(version), FIELDS))
         if layout is not None and (layout.models or not layout.compact):
             self._layouts[version] = layout  # complete: it will not change
         return layout
+
+    def layout_of(self, version: str, values: Sequence[bytes | None]) -> Layout | None:
+        """The layout from the manifest's `layout.FIELDS` (as HMGET answers them): the one
+        home of the key-scheme rule, for this store and the HTTP service's async reads."""
+        return Layout.from_manifest(self.prefix, version, values, self.legacy_id_column)
 
     def get(self, row_key: str) -> dict[str, Any] | None:
         """One row's prediction from the current version."""
