@@ -61,7 +61,7 @@ class Layout:
     buckets: int
     key_scheme: str  # "feature_hash" or "id"
     id_column: str | None
-    feature_columns: list[str] | None
+    feature_columns_json: bytes | None  # parsed when a lookup by features needs it
     classes: list[str]
     models: list[RowModel]
 
@@ -88,7 +88,7 @@ class Layout:
         common = {
             "key_scheme": "id" if id_column else "feature_hash",
             "id_column": id_column,
-            "feature_columns": json.loads(columns) if columns else None,
+            "feature_columns_json": columns,
             "classes": [str(c) for c in classes],
         }
         if raw_layout is None:
@@ -102,6 +102,12 @@ class Layout:
             models=[RowModel(m["name"], m["version"], float(m["threshold"])) for m in models],
             **common,
         )
+
+    @property
+    def feature_columns(self) -> list[str] | None:
+        """The training-order feature columns a feature-hash key is computed over."""
+        raw = self.feature_columns_json
+        return json.loads(raw) if raw else None
 
     @property
     def compact(self) -> bool:
