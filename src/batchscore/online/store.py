@@ -136,9 +136,11 @@ class OnlineStore:
         }
         if "key_scheme" not in meta:  # every compact version records how it keys rows
             scheme = self.legacy_id_column
-            meta = {**meta, "key_scheme": "id", "id_column": scheme} if scheme else {
-                **meta, "key_scheme": "feature_hash"
-            }
+            meta = (
+                {**meta, "key_scheme": "id", "id_column": scheme}
+                if scheme
+                else {**meta, "key_scheme": "feature_hash"}
+            )
         fields = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(
