@@ -130,10 +130,12 @@ def test_duplicate_rows_are_written_once_and_counted(
     frame.to_csv(source, index=False)
     shards = plan_shards(str(source), FEATURES, 100, "Flow/1", settings).shards
     online = OnlineStore(redis_client, redis_prefix)
-    online.stage("v1", {"model": "dummy"})
+    online.stage("v1", {"model": "dummy", "classes": ["no", "yes"]})
     result = score_shard(0, shards[0], bundle, "v1", settings, online=online)
     assert (result.rows_scored, result.keys_written, result.duplicates) == (7, 5, 2)
-    assert len(list(redis_client.scan_iter(match=f"{redis_prefix}:v1:*"))) == 5
+    layout = online.layout("v1")
+    rows = sum(redis_client.hlen(f"{layout.rows}{b}") for b in range(layout.buckets))
+    assert rows == 5
 
 
 def test_training_label_that_is_not_binary_is_rejected(tmp_path):

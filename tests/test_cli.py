@@ -252,7 +252,7 @@ def test_embedded_mode_shares_one_server_with_the_cli(home, settings_for, tmp_pa
     settings = settings_for({"BATCHSCORE_HOME": str(home)})
     online = OnlineStore.from_settings(settings)
     version = new_version("BatchProcessingFlow/9")
-    online.stage(version, {"model": "knn", "feature_columns": COLUMNS})
+    keys = row_keys(ROWS.to_numpy())
     online.stage(version, {"model": "knn", "feature_columns": COLUMNS, "classes": list(CLASSES)})
     online.write(version, 0, keys, _scored([0.7] * 3, "knn"))
     assert online.publish(version, 3, 1)
