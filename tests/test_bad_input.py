@@ -15,6 +15,7 @@ from batchscore.batch.scoring import score_shard
 from batchscore.batch.shards import plan_shards
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
+from batchscore.rows.keys import row_keys
 from batchscore.storage.object_store import ObjectStore
 from batchscore.training.datasets import load_dataset
 
@@ -106,14 +107,11 @@ def test_reordered_and_extra_columns_key_and_predict_like_the_original(
     for name, source in {"original": original, "shuffled": shuffled}.items():
         version = f"v-{name}"
         shards = plan_shards(str(source), FEATURES, 100, f"Flow/{name}", settings).shards
-        online.stage(version, {"model": "logreg"})
+        online.stage(version, {"model": "logreg", "classes": ["no", "yes"]})
         result = score_shard(0, shards[0], bundle, version, settings, online=online)
         assert result.keys_written == 40
-        values[name] = sorted(
-            (k.decode().rsplit(":", 1)[1], v)
-            for k in redis_client.scan_iter(match=f"{redis_prefix}:{version}:*")
-            for v in [redis_client.get(k)]
-        )
+        values[name] = online.get_many(row_keys(frame[FEATURES].to_numpy()), version)
+        assert None not in values[name]
     assert values["original"] == values["shuffled"]
 
 
