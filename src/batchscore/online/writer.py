@@ -17,7 +17,6 @@ from batchscore.online.layout import PROBA_BYTES, Layout, RowModel
 
 if TYPE_CHECKING:
     from batchscore.batch.predictions import Scored
-    from batchscore.online.store import OnlineStore
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        store: OnlineStore,
+        store: Any,  # the OnlineStore that opened it (not imported: store imports this module)
         version: str,
         shard: str | int,
         ttl_seconds: int | None = None,
