@@ -218,7 +218,7 @@ def test_a_version_in_the_first_layout_stays_readable(redis_client, redis_prefix
     redis_client.set(f"{redis_prefix}:{version}:k1", old)
     redis_client.hset(
         store.manifest(version),
-        mapping={"model": "old", "shard:0": 1, "feature_columns": json.dumps(COLUMNS)},
+        mapping={"model": "old", "shard:0": 1, "status": "staged"},
     )
     redis_client.zadd(store.staged, {version: 1})
     assert store.publish(version, 1, 1)
@@ -228,6 +228,37 @@ def test_a_version_in_the_first_layout_stays_readable(redis_client, redis_prefix
     _publish(store, _version(2), {"k1": _value(0, "newest")})
     assert version in store.retire(keep=2)
     assert redis_client.exists(f"{redis_prefix}:{version}:k1") == 0
+
+
+def test_control_keys_of_an_earlier_release_are_taken_over(
+    redis_client, redis_prefix, settings_for
+):
+    """A Redis published by a release whose control keys had no hash tag: the first store
+    built from the settings renames them, and the live version stays live and readable."""
+    old, older = _version(1), _version(0)
+    row = json.dumps({"label": 1, "class": "yes", "proba": 0.9, "model": "old"})
+    redis_client.set(f"{redis_prefix}:{old}:k1", row)
+    redis_client.set(f"{redis_prefix}:current", old)
+    redis_client.zadd(f"{redis_prefix}:versions", {older: 1, old: 2})
+    for version in (old, older):
+        redis_client.hset(
+            f"{redis_prefix}:manifest:{version}", mapping={"shard:0": 1, "status": "current"}
+        )
+    settings = settings_for(
+        {"BATCHSCORE_REDIS_URL": TEST_URL(redis_client), "BATCHSCORE_REDIS_PREFIX": redis_prefix}
+    )
+    store = OnlineStore.from_settings(settings)
+    assert store.current() == old
+    assert store.get("k1") == json.loads(row)
+    assert store.rollback() == (old, older)
+    assert not redis_client.exists(f"{redis_prefix}:current", f"{redis_prefix}:manifest:{old}")
+    assert OnlineStore.from_settings(settings).migrate_control_keys() == 0  # once
+    store.close()
+
+
+def TEST_URL(client) -> str:  # noqa: N802
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
 
 
 class _RecordingConnection(redis.Connection):

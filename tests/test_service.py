@@ -186,7 +186,12 @@ def publish_first_layout(store: OnlineStore, run: int, keys: list[str]) -> str:
         store.client.set(f"{store.prefix}:{version}:{key}", _value(version, key))
     store.client.hset(
         store.manifest(version),
-        mapping={"model": "svc", "feature_columns": json.dumps(COLUMNS), "shard:0": len(keys)},
+        mapping={
+            "model": "svc",
+            "feature_columns": json.dumps(COLUMNS),
+            "shard:0": len(keys),
+            "status": "staged",
+        },
     )
     store.client.zadd(store.staged, {version: 1})
     assert store.publish(version, len(keys), 1)

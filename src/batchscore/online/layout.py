@@ -34,7 +34,7 @@ _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 
 # The manifest fields a reader needs (one HMGET per version; a version never changes).
 FIELDS = (
-    "layout", "row_models", "classes", "key_scheme", "id_column", "feature_columns",
+    "layout", "row_models", "classes", "key_scheme", "id_column", "feature_columns", "status",
 )  # fmt: skip
 
 

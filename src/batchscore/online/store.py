@@ -102,13 +102,30 @@ class OnlineStore:
         self._rollback = client.register_script(_script("rollback"))
         self._annotate = client.register_script(_script("annotate"))
         self._retire = client.register_script(_script("retire"))
+        self._migrate = client.register_script(_script("migrate"))
         self._layouts: dict[str, Layout] = {}  # published versions never change
         # How versions that predate the manifest's `key_scheme` were keyed: the settings say.
         self.legacy_id_column = legacy_id_column
 
     @classmethod
     def from_settings(cls, settings: Settings, use: Use = "batch") -> OnlineStore:
-        return cls(connect(settings, use), settings.redis_prefix, settings.id_column)
+        store = cls(connect(settings, use), settings.redis_prefix, settings.id_column)
+        store.migrate_control_keys()
+        return store
+
+    def migrate_control_keys(self) -> int:
+        """Rename the untagged control keys of a Redis published before the hash tag
+        (`prefix:current`, `prefix:manifest:...`), once: their versions stay live. One
+        EXISTS when there is nothing to do; never needed on a cluster (it never worked
+        there before). Returns the manifests moved."""
+        if self.cluster or not self.client.exists(f"{self.prefix}:current"):
+            return 0
+        old, new = f"{self.prefix}:", f"{self.tag}:"
+        return self._migrate(
+            keys=[old + "current", self.pointer, old + "versions", self.versions,
+                  old + "staged", self.staged],
+            args=[old + "manifest:", new + "manifest:"],
+        )  # fmt: skip
 
     def close(self) -> None:
         self.client.close()
