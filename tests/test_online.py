@@ -17,7 +17,8 @@ import redis
 from batchscore.batch.predictions import LoadedModel
 from batchscore.online.connection import connect
 from batchscore.online.errors import PublishError, SupersededError
-from batchscore.online.store import OnlineStore, ttl_seconds
+from batchscore.online.layout import FIELDS, plan_reads
+from batchscore.online.store import READ_SLICE, OnlineStore, ttl_seconds
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
 from batchscore.versions import new_version
@@ -276,10 +277,10 @@ class _RecordingConnection(redis.Connection):
         return super().pack_commands(commands)
 
 
-def test_get_many_reads_the_pointer_the_layout_then_one_pipeline(redis_url, redis_prefix):
-    # One Lua call over every key would hold Redis for the whole lookup (and cannot run
-    # on a Cluster): the pointer and the version's constants are read once (then cached),
-    # then the rows in one pipeline of HMGETs, one per bucket.
+def test_get_many_reads_the_pointer_the_layout_then_short_slices(redis_url, redis_prefix):
+    # One Lua call over every key would hold Redis for the whole lookup: the pointer and
+    # the version's constants are read once (then cached), then the rows in one pipeline
+    # of scripts of at most READ_SLICE rows (on a cluster: an HMGET per bucket).
     writer = OnlineStore(redis.Redis.from_url(redis_url), prefix=redis_prefix)
     _publish(writer, _version(0), {f"k{i}": _value(i % 2) for i in range(2_500)})
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=_RecordingConnection)
@@ -290,20 +291,34 @@ def test_get_many_reads_the_pointer_the_layout_then_one_pipeline(redis_url, redi
         _RecordingConnection.commands = []
         values = reader.get_many([f"k{i}" for i in range(2_500)])
         assert all(values)
-        names = [name for name, _ in _RecordingConnection.commands]
-        assert names[:2] == ["GET", "HMGET"] and set(names[2:]) == {"HMGET"}
-        buckets = reader.layout().buckets
-        assert (
-            len(names) - 2 <= buckets
-            and sum(n - 1 for _, n in _RecordingConnection.commands[2:]) == 2_500
-        )
+        slice_args = [2 * n + 4 for n in (READ_SLICE, READ_SLICE, 2_500 - 2 * READ_SLICE)]
+        assert _RecordingConnection.commands == [
+            ("GET", 1),
+            ("HMGET", 1 + len(FIELDS)),
+            *(("EVAL", n) for n in slice_args),
+        ]
         _RecordingConnection.commands = []
         assert reader.get("k7")["label"] == 1
-        assert [name for name, _ in _RecordingConnection.commands] == ["GET", "HMGET"]
+        assert [name for name, _ in _RecordingConnection.commands] == ["GET", "EVAL"]
     finally:
         client.close()
         pool.disconnect()
         writer.close()
+
+
+def test_get_many_on_a_cluster_reads_an_hmget_per_bucket(redis_cluster_url, redis_prefix):
+    store = OnlineStore(connect_url(redis_cluster_url), prefix=redis_prefix)
+    try:
+        _publish(store, _version(0), {f"k{i}": _value(i % 2) for i in range(300)})
+        layout = store.layout()
+        reads = plan_reads(layout, [f"k{i}" for i in range(300)], READ_SLICE, scripted=False)
+        assert {c[0] for c in reads.commands} == {"HMGET"}
+        assert sum(len(c) - 2 for c in reads.commands) == 300
+        assert [v["label"] for v in store.get_many([f"k{i}" for i in range(300)])] == [
+            i % 2 for i in range(300)
+        ]
+    finally:
+        store.close()
 
 
 def test_get_many_of_a_large_batch(store):

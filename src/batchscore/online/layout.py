@@ -187,8 +187,25 @@ class Reads:
         return found
 
 
-def plan_reads(layout: Layout, keys: Sequence[str], slice_size: int = 1_000) -> Reads:
-    """One HMGET per bucket (compact), or MGET slices (the JSON layout, one Redis only)."""
+# One Redis: a slice of rows read in one short script (HGET each), instead of one command
+# per row; keys are built inside, so it cannot run on a cluster (rows span every slot).
+_READ_SLICE_SCRIPT = """
+local n = tonumber(ARGV[2])
+local found = {}
+for i = 1, n do
+  found[i] = redis.call('HGET', ARGV[1] .. ARGV[2 + i], ARGV[2 + n + i])
+end
+return found
+"""
+
+
+def plan_reads(
+    layout: Layout, keys: Sequence[str], slice_size: int = 1_000, scripted: bool = False
+) -> Reads:
+    """How to read `keys` of one version: on one Redis (`scripted`), one short script per
+    slice of `slice_size` rows (Redis serves other clients between slices); on a cluster,
+    one HMGET per bucket (redis-py splits the pipeline by node). The JSON layout: MGET
+    slices (one Redis only)."""
     commands: list[tuple[Any, ...]] = []
     positions: list[list[int]] = []
     if not layout.compact:
@@ -197,11 +214,20 @@ def plan_reads(layout: Layout, keys: Sequence[str], slice_size: int = 1_000) -> 
             commands.append(("MGET", *(layout.rows + k for k in part)))
             positions.append(list(range(first, first + len(part))))
         return Reads(commands, positions, len(keys))
+    located = [(i, layout.digest(k)) for i, k in enumerate(keys)]
+    located = [(i, d) for i, d in located if d is not None]
+    if scripted:
+        for first in range(0, len(located), slice_size):
+            part = located[first : first + slice_size]
+            buckets = [str(int.from_bytes(d[:4], "big") % layout.buckets) for _, d in part]
+            commands.append(
+                ("EVAL", _READ_SLICE_SCRIPT, 0, layout.rows, len(part), *buckets)
+                + tuple(d for _, d in part)
+            )
+            positions.append([i for i, _ in part])
+        return Reads(commands, positions, len(keys))
     groups: dict[str, tuple[list[bytes], list[int]]] = {}
-    for index, key in enumerate(keys):
-        digest = layout.digest(key)
-        if digest is None:
-            continue
+    for index, digest in located:
         fields, where = groups.setdefault(layout.bucket_name(digest), ([], []))
         fields.append(digest)
         where.append(index)

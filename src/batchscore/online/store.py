@@ -54,7 +54,7 @@ DEFAULT_ROWS = 1_000_000  # a first version's rows are laid out for this many
 UNUSABLE = ("rolled back", "retired")  # statuses rollback never restores
 
 
-READ_SLICE = 1_000  # keys per MGET: Redis serves other clients between slices
+READ_SLICE = 1_000  # rows per read command: Redis serves other clients between slices
 SAFE_POLICY = "noeviction"
 _SCRIPTS = resources.files("batchscore.online") / "scripts"
 
@@ -415,15 +415,16 @@ class OnlineStore:
         """Rows from the current version (or `version`); None where a row is absent.
 
         The pointer and the version's layout are read once, then the rows in one pipeline
-        of small commands (HMGET of a bucket's rows; on a cluster grouped by node): Redis
-        serves other clients between them, and a version stays readable while a newer one
-        goes live (the previous one is kept).
+        of short commands (`layout.plan_reads`: a script per 1,000 rows on one Redis, an
+        HMGET per bucket on a cluster, grouped by node): Redis serves other clients between
+        them, and a version stays readable while a newer one goes live (the previous one
+        is kept).
         """
         keys = list(row_keys)
         layout = self.layout(version)
         if layout is None or not keys:
             return [None] * len(keys)
-        reads = plan_reads(layout, keys)
+        reads = plan_reads(layout, keys, READ_SLICE, scripted=not self.cluster)
         pipe = self.client.pipeline(transaction=False)
         for command in reads.commands:
             pipe.execute_command(*command)

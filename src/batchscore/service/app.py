@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from batchscore.config import Settings
-from batchscore.online.connection import connect_async
+from batchscore.online.connection import cluster_mode, connect_async
 from batchscore.online.layout import FIELDS, Layout, plan_reads
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 10_000  # keys or rows per request
 MAX_BODY_BYTES = 16 * 1024 * 1024  # 10,000 rows of ~30 features take ~6 MB of JSON
 MAX_KEY_CHARS = 256
-MGET_SLICE = 1_000  # keys per MGET of a first-layout version: Redis is never held long
+MGET_SLICE = 1_000  # rows per read command: Redis is never held for a whole large request
 _INLINE_ROWS = 500  # lookups up to this many rows are keyed on the event loop (~0.5 ms)
 _RETRIES = 3  # re-reads when the pointer moves mid-request (a publish or rollback)
 
@@ -122,6 +122,7 @@ class Reader:
     def __init__(self, store: OnlineStore, client: aredis.Redis) -> None:
         self.store = store
         self.client = client
+        self.cluster = cluster_mode(client)
         self._seen: str | None = None  # the version the last answer came from
         self._layouts: dict[str, Layout] = {}  # versions never change once published
 
@@ -166,7 +167,7 @@ class Reader:
         self, layout: Layout, keys: Sequence[str]
     ) -> tuple[str | None, list[bytes | None]]:
         """The pointer and the rows in one pipeline (one round trip per node)."""
-        reads = plan_reads(layout, keys, MGET_SLICE)
+        reads = plan_reads(layout, keys, MGET_SLICE, scripted=not self.cluster)
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.store.pointer)
         for command in reads.commands:
