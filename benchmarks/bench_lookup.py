@@ -10,7 +10,8 @@ What runs (under a prefix of its own, deleted at the end; nothing else is touche
 
 * `--rows` rows of one published version in the compact layout (one model's scores).
 * A lookup of all of them with `OnlineStore.get_many` (the pointer and the version's
-  constants, then one pipeline of HMGETs, one per bucket; split by node on a cluster),
+  constants, then one pipeline of short scripts of 1,000 rows on one Redis, or of HMGETs,
+  one per bucket, split by node, on a cluster),
   `--repeat` times; medians.
 * Meanwhile a prober in another process (no GIL shared with the lookup) GETs the pointer
   in a loop on its own connection: its worst and 99th-percentile latency during each lookup.
@@ -123,7 +124,7 @@ def main() -> None:
         version, keys = publish_rows(store, args.rows, 1)
         ways = {
             "idle: no lookup (the machine's noise)": lambda: time.sleep(0.25),
-            "get_many: one pipeline of HMGETs": lambda: store.get_many(keys),
+            "get_many: pipelined read slices": lambda: store.get_many(keys),
         }
         measured: dict[str, list[tuple[float, float, float]]] = {way: [] for way in ways}
         for _ in range(args.repeat):  # paired: both ways in each repeat
