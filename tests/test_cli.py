@@ -282,3 +282,35 @@ def test_lookup_rows_of_an_id_keyed_version_by_id(redis_client, redis_prefix, cl
     result = _cli(["lookup", "7"], cli_env, tmp_path)
     assert _row(result.stdout, "7")[:3] == ["7", "-", "not found"]
     assert "64 hex characters" not in result.stdout
+
+
+def test_status_and_lookup_on_a_redis_cluster(redis_cluster_url, redis_prefix, tmp_path):
+    """BATCHSCORE_REDIS_URL names one node of a 3-master cluster: the CLI finds the
+    cluster by itself, and reads the version written there."""
+    from test_online import connect_url
+
+    online = OnlineStore(connect_url(redis_cluster_url), prefix=redis_prefix)
+    version = new_version("BatchProcessingFlow/5")
+    keys = row_keys(ROWS.to_numpy())
+    online.stage(version, {"model": "svc", "feature_columns": COLUMNS, "classes": list(CLASSES)})
+    online.write(version, 0, keys, _scored([0.9, 0.1, 0.9]))
+    assert online.publish(version, 3, 1)
+    env = {
+        "BATCHSCORE_REDIS_URL": redis_cluster_url,
+        "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        "BATCHSCORE_HOME": str(tmp_path / "home"),
+    }
+    try:
+        result = _cli(["status"], env, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert version in result.stdout and _row(result.stdout, "keys") == ["keys", "3"]
+        path = tmp_path / "rows.csv"
+        ROWS.to_csv(path, index=False)
+        result = _cli(["lookup", "--csv", str(path)], env, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert _row(result.stdout, keys[1])[1:3] == ["0", "benign"]
+        assert "3 of 3 found" in result.stdout
+    finally:
+        online.client.delete(online.pointer)
+        online.discard(version)
+        online.close()
