@@ -323,9 +323,9 @@ class OnlineStore:
         published = [v.decode() for v in self.client.zrevrange(self.versions, 0, -1)]
         statuses = self.statuses(published)
         kept = [v for v in published if v > current]
-        usable = [
-            v for v in published if v <= current and (v == current or statuses[v] not in UNUSABLE)
-        ]
+        # What rollback may restore: a manifest still there, never rolled back from.
+        restorable = {v for v, status in statuses.items() if status and status not in UNUSABLE}
+        usable = [v for v in published if v == current or (v < current and v in restorable)]
         kept += usable[: max(keep, 1)]
         if current not in kept:
             kept.append(current)
