@@ -639,3 +639,21 @@ def test_publish_checks_a_sample_of_every_shard(store):
     with pytest.raises(PublishError, match="shard 1 lost keys"):
         store.publish(version, 3_001, 2)
     assert store.current() is None
+
+
+def test_every_client_has_bounded_waits(home, settings_for, redis_url):
+    """One factory, one timeout policy by use: the embedded Redis's client too."""
+    embedded = settings_for({"BATCHSCORE_HOME": str(home)})
+    served = settings_for({"BATCHSCORE_HOME": str(home), "BATCHSCORE_REDIS_URL": redis_url})
+    for settings, use, seconds in (
+        (embedded, "batch", 30),
+        (served, "batch", 30),
+        (served, "service", 1),
+        (served, "check", 10),
+    ):
+        client = connect(settings, use)
+        options = client.connection_pool.connection_kwargs
+        assert options["socket_timeout"] == seconds, (use, options)
+        assert options["socket_connect_timeout"] is not None
+        assert client.ping()
+        client.close()
