@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import http.client
 import io
 import os
@@ -44,10 +45,14 @@ import numpy as np
 import orjson
 import psutil
 import redis
+from redis.cluster import RedisCluster
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_breast_cancer
 
+from batchscore.batch.predictions import LoadedModel
+from batchscore.config import Settings
+from batchscore.online.connection import connect
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import hash_rows
 from batchscore.versions import new_version
@@ -70,14 +75,19 @@ def make_rows(count: int, seed: int) -> np.ndarray:
     return np.round(picked * (1 + 0.05 * rng.standard_normal(picked.shape)), 4)
 
 
+def model_version(version: str) -> str:
+    """The model version `publish` gives each version's rows: a mixed answer shows."""
+    return hashlib.sha256(version.encode()).hexdigest()[:12]
+
+
 def publish(store: OnlineStore, keys, run: int) -> tuple[str, float]:
     """The batch flow's publish path on `keys`; every value names its version."""
     started = time.perf_counter()
     version = new_version(f"BatchProcessingFlow/{run}")
     store.stage(version, {"model": "svc", "feature_columns": COLUMNS, "classes": ["b", "m"]})
-    tail = f', "threshold": 0.5, "model": "svc", "model_version": "{version}"}}'
-    values = [f'{{"label": 1, "class": "m", "proba": 0.75{tail}'] * len(keys)
-    store.write(version, 0, keys, values)
+    model = LoadedModel("svc", None, hashlib.sha256(version.encode()).hexdigest(), 0.5)
+    proba = np.full(len(keys), 0.75)
+    store.write(version, 0, keys, [(model, np.ones(len(keys), int), proba)])
     assert store.publish(version, len(keys), 1)
     store.retire()
     return version, time.perf_counter() - started
@@ -190,7 +200,7 @@ def checked_load(port: int, body: bytes, rate: int, stop: threading.Event) -> di
                     version = parsed["version"]
                     found = [p for p in parsed["predictions"] if p is not None]
                     ok = len(found) == len(parsed["predictions"])
-                    mixed = any(p["model_version"] != version for p in found)
+                    mixed = any(p["model_version"] != model_version(version) for p in found)
             except (OSError, http.client.HTTPException):
                 connection.close()
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -247,8 +257,9 @@ def main() -> None:
     own_redis = None
     if not args.redis_url:
         own_redis, args.redis_url = private_redis(work)
-    client = redis.Redis.from_url(args.redis_url)
-    client.flushdb()
+    client = connect(Settings(_env_file=None, redis_url=args.redis_url))
+    if not isinstance(client, RedisCluster):
+        client.flushdb()
     store = OnlineStore(client)
     rows = make_rows(args.rows, args.seed)
     keys = hash_rows(rows)

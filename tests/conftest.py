@@ -258,3 +258,106 @@ def settings_for(monkeypatch: pytest.MonkeyPatch):
         return Settings(_env_file=None)
 
     return build
+
+
+# ------------------------------------------------------------------ Redis Cluster
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free now, whose port + 10000 (the cluster bus) is free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10_000 > 65_535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def start_redis_cluster(folder: Path, masters: int = 3):
+    """A real Redis Cluster of `masters` nodes on free loopback ports: (url, processes)."""
+    import subprocess
+    import time
+
+    import redis
+
+    for _attempt in range(3):
+        ports = _free_ports(masters)
+        processes = []
+        for port in ports:
+            node = folder / str(port)
+            node.mkdir(parents=True, exist_ok=True)
+            processes.append(
+                subprocess.Popen(
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "5000", "--appendonly", "no", "--save", "",
+                     "--dir", str(node), "--maxmemory-policy", "noeviction"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        up = False
+        while time.monotonic() < deadline and not up:
+            try:
+                up = all(redis.Redis(port=p, socket_timeout=1).ping() for p in ports)
+            except redis.RedisError:
+                time.sleep(0.05)
+        created = up and subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, timeout=60,
+        ).returncode == 0  # fmt: skip
+        while created and time.monotonic() < deadline + 20:
+            info = redis.Redis(port=ports[0]).cluster("info")
+            if info.get("cluster_state") == "ok":
+                return f"redis://127.0.0.1:{ports[0]}", processes
+            time.sleep(0.1)
+        stop_redis_cluster(processes)
+    raise RuntimeError("could not start a local Redis Cluster")
+
+
+def stop_redis_cluster(processes) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A 3-master Redis Cluster started for this session, stopped after it."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _unavailable("a Redis Cluster", RuntimeError("redis-server/redis-cli not installed"))
+    folder = _SESSION_TMP / "redis-cluster"
+    try:
+        url, processes = start_redis_cluster(folder)
+    except Exception as exc:
+        _unavailable("a Redis Cluster", exc)
+    yield url
+    stop_redis_cluster(processes)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def topology_url(request, redis_prefix: str) -> Iterator[str]:
+    """One Redis (db 15) or the session's Redis Cluster; this test's keys deleted after.
+    Tests that take it run against both topologies."""
+    if request.param == "redis":
+        yield request.getfixturevalue("redis_url")
+        return
+    from redis.cluster import RedisCluster
+
+    url = request.getfixturevalue("redis_cluster_url")
+    yield url
+    client = RedisCluster.from_url(url)
+    names = list(client.scan_iter(match=f"*{redis_prefix}*", count=5_000))
+    for name in names:
+        client.unlink(name)
+    client.close()

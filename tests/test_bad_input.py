@@ -15,6 +15,7 @@ from batchscore.batch.scoring import score_shard
 from batchscore.batch.shards import plan_shards
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
+from batchscore.rows.keys import row_keys
 from batchscore.storage.object_store import ObjectStore
 from batchscore.training.datasets import load_dataset
 
@@ -106,14 +107,11 @@ def test_reordered_and_extra_columns_key_and_predict_like_the_original(
     for name, source in {"original": original, "shuffled": shuffled}.items():
         version = f"v-{name}"
         shards = plan_shards(str(source), FEATURES, 100, f"Flow/{name}", settings).shards
-        online.stage(version, {"model": "logreg"})
+        online.stage(version, {"model": "logreg", "classes": ["no", "yes"]})
         result = score_shard(0, shards[0], bundle, version, settings, online=online)
         assert result.keys_written == 40
-        values[name] = sorted(
-            (k.decode().rsplit(":", 1)[1], v)
-            for k in redis_client.scan_iter(match=f"{redis_prefix}:{version}:*")
-            for v in [redis_client.get(k)]
-        )
+        values[name] = online.get_many(row_keys(frame[FEATURES].to_numpy()), version)
+        assert None not in values[name]
     assert values["original"] == values["shuffled"]
 
 
@@ -130,10 +128,12 @@ def test_duplicate_rows_are_written_once_and_counted(
     frame.to_csv(source, index=False)
     shards = plan_shards(str(source), FEATURES, 100, "Flow/1", settings).shards
     online = OnlineStore(redis_client, redis_prefix)
-    online.stage("v1", {"model": "dummy"})
+    online.stage("v1", {"model": "dummy", "classes": ["no", "yes"]})
     result = score_shard(0, shards[0], bundle, "v1", settings, online=online)
     assert (result.rows_scored, result.keys_written, result.duplicates) == (7, 5, 2)
-    assert len(list(redis_client.scan_iter(match=f"{redis_prefix}:v1:*"))) == 5
+    layout = online.layout("v1")
+    rows = sum(redis_client.hlen(f"{layout.rows}{b}") for b in range(layout.buckets))
+    assert rows == 5
 
 
 def test_training_label_that_is_not_binary_is_rejected(tmp_path):

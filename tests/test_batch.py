@@ -68,7 +68,7 @@ def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client, mon
     bundle = ModelBundle("train-1", [LoadedModel("ratio", model, "ab" * 32)], COLUMNS, ("n", "y"))
     version = new_version("Flow/1")
     online = OnlineStore.from_settings(settings)
-    online.stage(version, {"model": "ratio"})
+    online.stage(version, {"model": "ratio", "classes": ["n", "y"]})
 
     result = score_shard(0, shards[0], bundle, version, settings)
 
@@ -109,7 +109,7 @@ def _run_parts(tmp_path, name: str, rows: int, shard_rows: int, settings):
 
 
 def _keyspace(client, prefix: str) -> set[str]:
-    return {k.decode() for k in client.scan_iter(match=f"{prefix}:*", count=5_000)}
+    return {k.decode() for k in client.scan_iter(match=f"*{prefix}*", count=5_000)}
 
 
 @pytest.mark.services
@@ -145,11 +145,12 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
 
     assert not outcome.published
     assert online.current() == new
+    layout = online.layout(new)
     new_keys = {
-        online.key(new, k)
+        layout.locate(k)[0]
         for k in row_keys(np.column_stack([np.arange(1.0, 1_001.0), np.full(1_000, 3.0)]))
     }
-    control = {online.pointer, online.versions, online.manifest(new)}
+    control = {online.pointer, online.versions, online.manifest(new), online.sequence}
     assert _keyspace(redis_client, redis_prefix) == new_keys | control
     store = ObjectStore.from_settings(settings)
     assert not any(store.exists(uri) for uri in old_shards)  # the run is over: no scratch
@@ -173,9 +174,11 @@ def test_keys_lost_before_the_switch_keep_the_pointer_where_it_was(planned, redi
     version = new_version("Flow/2")
     stage(version, "Flow/2", "rows.parquet", bundle, settings)
     results = [score_shard(0, shards[0], bundle, version, settings)]
-    written = [k.decode() for k in redis_client.scan_iter(match=f"{online.prefix}:{version}:*")]
+    written = sorted(set(row_keys(rows[COLUMNS].to_numpy())))
     doomed = np.random.default_rng(7).choice(written, size=len(written) // 100, replace=False)
-    redis_client.delete(*doomed)  # 1% of the shard
+    layout = online.layout(version)
+    for key in doomed:  # 1% of the shard
+        redis_client.hdel(*layout.locate(str(key)))
 
     with pytest.raises(PublishError, match=r"shard 0 lost keys .* sampled keys are gone"):
         publish("Flow/2", version, results, "rows.parquet", bundle, settings, scratch=shards)

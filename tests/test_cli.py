@@ -9,9 +9,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from batchscore.batch.predictions import LoadedModel
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
 from batchscore.versions import new_version
@@ -73,21 +75,15 @@ def published(redis_client, redis_prefix) -> tuple[str, list[str]]:
         },
     )
     keys = row_keys(ROWS.to_numpy())
-    values = [
-        json.dumps(
-            {
-                "label": lab,
-                "class": CLASSES[lab],
-                "proba": 0.9 if lab else 0.1,
-                "model": "svc",
-                "model_version": "abcdef012345",
-            }
-        )
-        for lab in LABELS
-    ]
-    online.write(version, 0, keys, values)
+    online.write(version, 0, keys, _scored([0.9 if lab else 0.1 for lab in LABELS]))
     assert online.publish(version, len(keys), 1)
     return version, keys
+
+
+def _scored(probas: list[float], model: str = "svc") -> list:
+    """`predict_all`'s output for rows with these probabilities (one model)."""
+    proba = np.array(probas)
+    return [(LoadedModel(model, None, "abcdef012345" + "0" * 52), (proba >= 0.5) * 1, proba)]
 
 
 def test_status_shows_the_live_version(published, cli_env, tmp_path):
@@ -220,9 +216,11 @@ def test_status_after_the_live_version_expired(redis_client, redis_prefix, cli_e
     online = OnlineStore(redis_client, prefix=redis_prefix)
     version = new_version("BatchProcessingFlow/1")
     online.stage(version, {"model": "svc", "feature_columns": COLUMNS}, ttl_seconds=60)
-    online.write(version, 0, ["k"], ["{}"], ttl_seconds=60)
+    key = row_keys(ROWS.to_numpy())[0]
+    online.write(version, 0, [key], _scored([0.9]), ttl_seconds=60)
     assert online.publish(version, 1, 1)
-    redis_client.delete(online.manifest(version), online.key(version, "k"))  # what TTL does
+    row = online.layout(version).locate(key)[0]
+    redis_client.delete(online.manifest(version), row)  # what TTL does
     result = _cli(["status"], cli_env, tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -236,7 +234,7 @@ def test_lookup_sample_reads_the_live_input(
     version, keys = published
     path = tmp_path / "input.csv"
     ROWS.to_csv(path, index=False)
-    redis_client.hset(f"{redis_prefix}:manifest:{version}", "input", str(path))
+    redis_client.hset(f"{{{redis_prefix}}}:manifest:{version}", "input", str(path))
     result = _cli(["lookup", "--sample", "2"], cli_env, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 of 2 found" in result.stdout
@@ -255,16 +253,11 @@ def test_embedded_mode_shares_one_server_with_the_cli(home, settings_for, tmp_pa
     settings = settings_for({"BATCHSCORE_HOME": str(home)})
     online = OnlineStore.from_settings(settings)
     version = new_version("BatchProcessingFlow/9")
-    online.stage(version, {"model": "knn", "feature_columns": COLUMNS})
     keys = row_keys(ROWS.to_numpy())
-    online.write(
-        version,
-        0,
-        keys,
-        [json.dumps({"label": 1, "class": "malignant", "proba": 0.7, "model": "knn"})] * 3,
-    )
+    online.stage(version, {"model": "knn", "feature_columns": COLUMNS, "classes": list(CLASSES)})
+    online.write(version, 0, keys, _scored([0.7] * 3, "knn"))
     assert online.publish(version, 3, 1)
-    online.client.close()
+    online.close()
 
     result = _cli(["lookup", keys[2]], {"BATCHSCORE_HOME": str(home)}, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -277,9 +270,8 @@ def test_lookup_rows_of_an_id_keyed_version_by_id(redis_client, redis_prefix, cl
     online = OnlineStore(redis_client, prefix=redis_prefix)
     version = new_version("BatchProcessingFlow/7")
     meta = {"model": "svc", "feature_columns": COLUMNS, "key_scheme": "id", "id_column": "customer"}
-    online.stage(version, meta)
-    value = {"label": 1, "class": "malignant", "proba": 0.9, "model": "svc"}
-    online.write(version, 0, ["007"], [json.dumps(value)])
+    online.stage(version, {**meta, "classes": list(CLASSES)})
+    online.write(version, 0, ["007"], _scored([0.9]))
     assert online.publish(version, 1, 1)
     path = tmp_path / "rows.csv"
     path.write_text("customer,mean radius\n007,1.0\n7,2.0\n")
@@ -405,11 +397,47 @@ def test_lookup_never_wraps_a_row_key(published, cli_env, tmp_path):
 def test_status_json_after_the_live_version_expired(redis_client, redis_prefix, cli_env, tmp_path):
     online = OnlineStore(redis_client, prefix=redis_prefix)
     version = new_version("BatchProcessingFlow/1")
-    online.stage(version, {"model": "svc", "feature_columns": COLUMNS}, ttl_seconds=60)
-    online.write(version, 0, ["k"], ["{}"], ttl_seconds=60)
+    online.stage(
+        version,
+        {"model": "svc", "feature_columns": COLUMNS, "classes": list(CLASSES)},
+        ttl_seconds=60,
+    )
+    online.write(version, 0, row_keys(ROWS.to_numpy())[:1], _scored([0.9]), ttl_seconds=60)
     assert online.publish(version, 1, 1)
-    redis_client.delete(online.manifest(version), online.key(version, "k"))  # what TTL does
+    redis_client.delete(online.manifest(version))  # what its TTL does (rows expire alike)
     result = _cli(["status", "--json"], cli_env, tmp_path)
     assert result.returncode == 1
     status = json.loads(result.stdout)
     assert (status["version"], status["expired"], status["published_at"]) == (version, True, None)
+
+
+def test_status_and_lookup_on_a_redis_cluster(redis_cluster_url, redis_prefix, tmp_path):
+    """BATCHSCORE_REDIS_URL names one node of a 3-master cluster: the CLI finds the
+    cluster by itself, and reads the version written there."""
+    from test_online import connect_url
+
+    online = OnlineStore(connect_url(redis_cluster_url), prefix=redis_prefix)
+    version = new_version("BatchProcessingFlow/5")
+    keys = row_keys(ROWS.to_numpy())
+    online.stage(version, {"model": "svc", "feature_columns": COLUMNS, "classes": list(CLASSES)})
+    online.write(version, 0, keys, _scored([0.9, 0.1, 0.9]))
+    assert online.publish(version, 3, 1)
+    env = {
+        "BATCHSCORE_REDIS_URL": redis_cluster_url,
+        "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        "BATCHSCORE_HOME": str(tmp_path / "home"),
+    }
+    try:
+        result = _cli(["status"], env, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert version in result.stdout and _row(result.stdout, "keys") == ["keys", "3"]
+        path = tmp_path / "rows.csv"
+        ROWS.to_csv(path, index=False)
+        result = _cli(["lookup", "--csv", str(path)], env, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert _row(result.stdout, keys[1])[1:3] == ["0", "benign"]
+        assert "3 of 3 found" in result.stdout
+    finally:
+        online.client.delete(online.pointer)
+        online.discard(version)
+        online.close()

@@ -12,12 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import redis
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy, closed_port
 
+from batchscore.batch.predictions import LoadedModel
 from batchscore.online.connection import connect
 from batchscore.online.errors import PublishError
 from batchscore.online.store import OnlineStore
@@ -28,12 +30,28 @@ from batchscore.versions import new_version
 ROOT = Path(__file__).resolve().parents[1]
 
 
+META = {"key_scheme": "id", "id_column": "id"}  # rows keyed by readable ids
+
+
+def scores(first: int, count: int, tag: str) -> list:
+    """`predict_all`'s output for rows first..first+count: model `tag`, and a probability
+    that says the row's number (i / 1e6), so a reader can tell which row it got."""
+    proba = np.arange(first, first + count) / 1e6
+    model = LoadedModel(tag, None, "0" * 64, 0.5)
+    return [(model, (proba >= 0.5).astype(int), proba)]
+
+
+def numbers(values: list) -> list[int]:
+    return [round(v["proba"] * 1e6) for v in values]
+
+
 def publish_rows(store: OnlineStore, version: str, n: int, tag: str, shards: int = 1) -> None:
-    store.stage(version, {"model": tag})
+    store.stage(version, {"model": tag, **META})
     per_shard = n // shards
     for shard in range(shards):
-        keys = [f"row{i}" for i in range(shard * per_shard, (shard + 1) * per_shard)]
-        store.write(version, shard, keys, [f'{{"tag":"{tag}","i":{i}}}' for i in range(len(keys))])
+        first = shard * per_shard
+        keys = [f"row{i}" for i in range(first, first + per_shard)]
+        store.write(version, shard, keys, scores(first, per_shard, tag))
     assert store.publish(version, per_shard * shards, shards)
 
 
@@ -66,11 +84,12 @@ def test_redis_dying_mid_publish_keeps_the_previous_version(
     proxy, url = redis_proxy
     through = online_at(url)
     v2 = new_version("run-2", datetime.now(UTC) - timedelta(minutes=1))
-    through.stage(v2, {"model": "v2"})
+    through.stage(v2, {"model": "v2", **META})
+    gone = through.layout(v2)
     proxy.fail_after(50_000)  # the server "dies" partway through the shard and stays down
     started = time.monotonic()
     with pytest.raises(redis.ConnectionError):
-        through.write(v2, 0, [f"row{i}" for i in range(5_000)], ["{}"] * 5_000)
+        through.write(v2, 0, [f"row{i}" for i in range(5_000)], scores(0, 5_000, "v2"))
     assert time.monotonic() - started < 30, "retries must be bounded"
     with pytest.raises(redis.ConnectionError):
         through.publish(v2, 5_000, 1)
@@ -78,8 +97,8 @@ def test_redis_dying_mid_publish_keeps_the_previous_version(
     # Readers still see v1, complete and unchanged.
     assert direct.current() == v1
     values = direct.get_many([f"row{i}" for i in range(1_000)])
-    assert [v["i"] for v in values] == list(range(1_000))
-    assert {v["tag"] for v in values} == {"v1"}
+    assert numbers(values) == list(range(1_000))
+    assert {v["model"] for v in values} == {"v1"}
 
     # Back up: a rerun publishes cleanly and the half-written version is retired.
     proxy.restore()
@@ -87,8 +106,8 @@ def test_redis_dying_mid_publish_keeps_the_previous_version(
     publish_rows(through, v3, 1_000, "v3")
     assert direct.current() == v3
     through.retire()
-    assert not list(redis_client.scan_iter(match=f"{redis_prefix}:{v2}:*"))
-    assert not redis_client.exists(f"{redis_prefix}:manifest:{v2}")
+    assert not redis_client.exists(*(f"{gone.rows}{b}" for b in range(gone.buckets)))
+    assert not redis_client.exists(direct.manifest(v2))
 
 
 @pytest.mark.services
@@ -96,12 +115,12 @@ def test_a_dropped_connection_is_retried_and_every_key_lands(redis_client, redis
     proxy, url = redis_proxy
     through = online_at(url)
     version = new_version("run-1")
-    through.stage(version, {"model": "m"})
+    through.stage(version, {"model": "m", **META})
     proxy.blip_after(30_000)  # a blip, not an outage: one reconnection refused
     keys = [f"row{i}" for i in range(5_000)]
-    assert through.write(version, 0, keys, [f'{{"i":{i}}}' for i in range(5_000)]) == 5_000
+    assert through.write(version, 0, keys, scores(0, 5_000, "m")) == 5_000
     assert through.publish(version, 5_000, 1)
-    assert [v["i"] for v in through.get_many(keys)] == list(range(5_000))
+    assert numbers(through.get_many(keys)) == list(range(5_000))
 
 
 @pytest.mark.services
@@ -114,19 +133,20 @@ def test_a_drop_with_chunks_in_flight_resends_them_all(
     proxy, url = redis_proxy
     through = online_at(url)
     version = new_version("run-1")
-    through.stage(version, {"model": "m"})
+    through.stage(version, {"model": "m", **META})
     proxy.blip_after(40_000)
     keys = [f"row{i}" for i in range(6_000)]
-    with through.writer(version, 0, ttl, chunk=100) as writer:
+    with through.writer(version, 0, ttl) as writer:
+        writer.flush_rows = 1_000  # several pipelines
         for start in range(0, 6_000, 1_000):
-            block = keys[start : start + 1_000]
-            writer.write(block, [f'{{"i":{start + i}}}' for i in range(len(block))])
+            writer.write(keys[start : start + 1_000], scores(start, 1_000, "m"))
     assert writer.landed == writer.sent == 6_000
-    assert redis_client.hget(f"{redis_prefix}:manifest:{version}", "shard:0") == b"6000"
+    assert through.manifest_field(version, "shard:0") == "6000"
     assert through.publish(version, 6_000, 1)
-    assert [v["i"] for v in through.get_many(keys)] == list(range(6_000))
+    assert numbers(through.get_many(keys)) == list(range(6_000))
     expected_ttl = -1 if ttl is None else ttl
-    assert redis_client.ttl(f"{redis_prefix}:{version}:row5999") in (expected_ttl, expected_ttl - 1)
+    bucket = through.layout(version).locate("row5999")[0]
+    assert redis_client.ttl(bucket) in (expected_ttl, expected_ttl - 1)
 
 
 @pytest.mark.services
@@ -135,8 +155,8 @@ def test_an_incomplete_version_is_never_published(redis_client, redis_prefix):
     v1 = new_version("run-1", datetime.now(UTC) - timedelta(minutes=1))
     publish_rows(store, v1, 100, "v1")
     v2 = new_version("run-2")
-    store.stage(v2, {"model": "v2"})
-    store.write(v2, 0, ["row1"], ["{}"])  # shard 1 of 2 never arrives
+    store.stage(v2, {"model": "v2", **META})
+    store.write(v2, 0, ["row1"], scores(1, 1, "v2"))  # shard 1 of 2 never arrives
     with pytest.raises(PublishError, match="INCOMPLETE"):
         store.publish(v2, 2, 2)
     assert store.current() == v1
@@ -144,7 +164,7 @@ def test_an_incomplete_version_is_never_published(redis_client, redis_prefix):
 
 @pytest.mark.services
 @pytest.mark.parametrize("newer_first", [True, False])
-def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, online_at, newer_first):
+def test_two_runs_publishing_at_once_end_on_the_newer(topology_url, online_at, newer_first):
     older = new_version("run-old", datetime.now(UTC) - timedelta(seconds=5))
     newer = new_version("run-new")
     order = [newer, older] if newer_first else [older, newer]
@@ -153,12 +173,12 @@ def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, online_at, newe
 
     def run(version: str) -> None:
         try:
-            store = online_at(redis_url)
-            store.stage(version, {"model": version})
+            store = online_at(topology_url)
+            store.stage(version, {"model": version, **META})
             barrier.wait()
             for shard in range(4):
                 keys = [f"row{i}" for i in range(shard * 500, (shard + 1) * 500)]
-                store.write(version, shard, keys, [f'"{version}"'] * 500)
+                store.write(version, shard, keys, scores(shard * 500, 500, version))
             store.publish(version, 2_000, 4)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -169,9 +189,9 @@ def test_two_runs_publishing_at_once_end_on_the_newer(redis_url, online_at, newe
     for thread in threads:
         thread.join()
     assert not errors
-    store = online_at(redis_url)
+    store = online_at(topology_url)
     assert store.current() == newer
-    assert set(store.get_many([f"row{i}" for i in range(2_000)])) == {newer}
+    assert {v["model"] for v in store.get_many([f"row{i}" for i in range(2_000)])} == {newer}
 
 
 def test_unreachable_s3_endpoint_names_the_object(settings_for):

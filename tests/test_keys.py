@@ -151,9 +151,14 @@ def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, 
     # Such keys go through the batch path's writer unchanged.
     store = OnlineStore(redis_client, prefix="t")
     version = new_version("Flow/1")
-    store.stage(version, {"model": "m"})
-    assert store.write(version, 0, keys, pa.array(["x"] * len(keys))) == len(keys)
-    assert redis_client.get(f"t:{version}:{expected[-1]}") == b"x"
+    store.stage(version, {"model": "m", "classes": ["n", "y"]})
+    from batchscore.batch.predictions import LoadedModel
+
+    proba = np.full(len(keys), 0.25)
+    outputs = [(LoadedModel("m", None, "0" * 64), np.zeros(len(keys), int), proba)]
+    assert store.write(version, 0, keys, outputs) == len(keys)
+    assert store.get_many([expected[-1]], version)[0]["proba"] == 0.25
+    store.discard(version)
 
 
 def test_one_id_rule_for_keys_and_quarantine_equal_to_pythons_whitespace():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -12,7 +14,10 @@ import pyarrow as pa
 import pytest
 import redis
 
+from batchscore.batch.predictions import LoadedModel
+from batchscore.online.connection import connect
 from batchscore.online.errors import PublishError, SupersededError
+from batchscore.online.layout import FIELDS, plan_reads
 from batchscore.online.store import READ_SLICE, OnlineStore, ttl_seconds
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
@@ -26,28 +31,74 @@ def _version(minutes: int, run: str = "BatchProcessingFlow/1") -> str:
     return new_version(run, T0 + timedelta(minutes=minutes))
 
 
-def _value(label: int, tag: str = "v") -> str:
-    return json.dumps(
-        {"label": label, "class": "yes" if label else "no", "proba": 0.5, "model": tag}
-    )
+def _value(label: int, tag: str = "v") -> tuple[float, str]:
+    """A row's score as the batch produces it: (probability, model name). Every row of a
+    version comes from one model, so the model names the version in these tests."""
+    return (0.9 if label else 0.1), tag
+
+
+def _model(name: str, threshold: float = 0.5) -> LoadedModel:
+    return LoadedModel(name, None, hashlib.sha256(name.encode()).hexdigest(), threshold)
+
+
+def _prediction(label: int, tag: str = "v") -> dict:
+    """What every reader returns for `_value(label, tag)`."""
+    proba, name = _value(label, tag)
+    return {
+        "label": label,
+        "class": "yes" if label else "no",
+        "proba": proba,
+        "threshold": 0.5,
+        "model": name,
+        "model_version": _model(name).version,
+    }
+
+
+def _scored(values: list[tuple[float, str]]) -> list:
+    """`predict_all`'s output for these rows (one model)."""
+    names = {name for _, name in values} or {"v"}
+    assert len(names) == 1, f"one model per version, not {names}"
+    proba = np.array([p for p, _ in values], dtype=float)
+    return [(_model(names.pop()), (proba >= 0.5).astype(int), proba)]
+
+
+# Rows keyed by text ids (SHA-256 of the id text picks the bucket), so tests can name them.
+ID_SCHEME = {"key_scheme": "id", "id_column": "id"}
+META = {"model": "svc", "feature_columns": COLUMNS, "classes": ["no", "yes"], **ID_SCHEME}
+
+
+def _write(store, version, shard, keys, values, ttl=None) -> int:
+    return store.write(version, shard, keys, _scored(list(values)), ttl)
 
 
 def _publish(
-    store: OnlineStore, version: str, rows: dict[str, str], shards: int = 1, ttl: int | None = None
+    store: OnlineStore,
+    version: str,
+    rows: dict[str, tuple[float, str]],
+    shards: int = 1,
+    ttl: int | None = None,
 ) -> bool:
-    store.stage(
-        version, {"model": "svc", "feature_columns": COLUMNS, "classes": ["no", "yes"]}, ttl
-    )
+    store.stage(version, META, ttl)
     keys = list(rows)
     parts = np.array_split(np.arange(len(keys)), shards)
     for shard, index in enumerate(parts):
-        store.write(version, shard, [keys[i] for i in index], [rows[keys[i]] for i in index], ttl)
+        _write(store, version, shard, [keys[i] for i in index], [rows[keys[i]] for i in index], ttl)
     return store.publish(version, len(keys), shards)
 
 
 @pytest.fixture
-def store(redis_client, redis_prefix) -> OnlineStore:
-    return OnlineStore(redis_client, prefix=redis_prefix)
+def store(topology_url, redis_prefix) -> Iterator[OnlineStore]:
+    """The store on one Redis or on the 3-master cluster (tests taking it run on both)."""
+    store = OnlineStore(connect_url(topology_url), prefix=redis_prefix)
+    yield store
+    store.close()
+
+
+def connect_url(url: str):
+    """A client for `url` through the store's own connection factory."""
+    from batchscore.config import Settings
+
+    return connect(Settings(_env_file=None, redis_url=url))
 
 
 def test_versions_sort_by_time():
@@ -72,23 +123,31 @@ def test_prefix_validation(redis_client):
             OnlineStore(redis_client, prefix=bad)
 
 
-def test_stage_write_publish_moves_current(store, redis_client):
+def _rows_stored(store: OnlineStore, layout) -> int:
+    """How many rows of a version (by its layout) are in Redis: its buckets' sizes."""
+    pipe = store.client.pipeline(transaction=False)
+    for bucket in range(layout.buckets):
+        pipe.hlen(f"{layout.rows}{bucket}")
+    return sum(pipe.execute())
+
+
+def test_stage_write_publish_moves_current(store):
     version = _version(0)
     assert store.current() is None
     assert store.get("k1") is None
     assert store.status() == {"current": None}
 
-    store.stage(version, {"model": "svc", "feature_columns": COLUMNS})
-    assert store.write(version, 0, ["k1", "k2"], [_value(1), _value(0)]) == 2
-    assert store.write(version, 1, ["k3"], [_value(1)]) == 1
+    store.stage(version, META)
+    assert _write(store, version, 0, ["k1", "k2"], [_value(1), _value(0)]) == 2
+    assert _write(store, version, 1, ["k3"], [_value(1)]) == 1
     # Written but not published: readers see nothing yet.
     assert store.current() is None
     assert store.get_many(["k1", "k2"]) == [None, None]
-    assert redis_client.get(f"{store.prefix}:{version}:k1") is not None
+    assert store.get_many(["k1"], version) == [_prediction(1)]
 
     assert store.publish(version, expected_keys=3, expected_shards=2) is True
     assert store.current() == version
-    assert redis_client.get(f"{store.prefix}:current") == version.encode()
+    assert store.client.get(f"{{{store.prefix}}}:current") == version.encode()
     # Re-publishing the current version (a resumed step) is a no-op success.
     assert store.publish(version, 3, 2) is True
 
@@ -96,17 +155,115 @@ def test_stage_write_publish_moves_current(store, redis_client):
 def test_get_and_get_many(store):
     _publish(store, _version(0), {"k1": _value(1), "k2": _value(0)})
     assert store.get("k1")["label"] == 1
-    assert store.get_many(["k2", "absent", "k1"]) == [
-        json.loads(_value(0)),
-        None,
-        json.loads(_value(1)),
-    ]
+    assert store.get_many(["k2", "absent", "k1"]) == [_prediction(0), None, _prediction(1)]
     assert store.get_many([]) == []
     assert store.get("absent") is None
 
 
+def test_rows_are_small_hashes_of_binary_digests(store):
+    """The compact layout as README.md documents it, read with plain Redis commands."""
+    version = _version(0)
+    store.stage(version, {**META, "key_scheme": "feature_hash"})
+    rows = np.arange(30.0).reshape(10, 3)
+    keys = row_keys(rows)
+    champion, other = _model("svc", 0.31), _model("tree", 0.5)
+    proba = np.linspace(0.0, 1.0, 10)
+    outputs = [
+        (champion, (np.round(proba, 6) >= 0.31).astype(int), proba),
+        (other, (1 - proba >= 0.5).astype(int), 1 - proba),
+    ]
+    store.write(version, 0, keys, outputs)
+    assert store.publish(version, 10, 1)
+
+    manifest = store.client.hgetall(store.manifest(version))
+    layout = json.loads(manifest[b"layout"])
+    assert layout["format"] == "compact-1" and layout["rows"].startswith(f"{store.prefix}:r")
+    assert [m["name"] for m in json.loads(manifest[b"row_models"])] == ["svc", "tree"]
+    digest = bytes.fromhex(keys[3])
+    name = f"{layout['rows']}{int.from_bytes(digest[:4], 'big') % layout['buckets']}"
+    value = store.client.hget(name, digest)
+    assert [int.from_bytes(value[i : i + 3], "big") for i in (0, 3)] == [333333, 666667]
+    assert store.get(keys[3]) == {
+        "label": 1,
+        "class": "yes",
+        "proba": 0.333333,
+        "threshold": 0.31,
+        "model": "svc",
+        "model_version": champion.version,
+        "models": {
+            "svc": {
+                "label": 1,
+                "class": "yes",
+                "proba": 0.333333,
+                "threshold": 0.31,
+                "model_version": champion.version,
+            },
+            "tree": {
+                "label": 1,
+                "class": "yes",
+                "proba": 0.666667,
+                "threshold": 0.5,
+                "model_version": other.version,
+            },
+        },
+    }
+    assert store.get("not a hex key") is None
+
+
+def test_a_version_in_the_first_layout_stays_readable(redis_client, redis_prefix):
+    """One JSON string per row (`{prefix}:{version}:{row_key}`), as versions published
+    before the compact layout were: read as they are until retired."""
+    store = OnlineStore(redis_client, prefix=redis_prefix)
+    version = _version(0)
+    old = json.dumps({"label": 1, "class": "yes", "proba": 0.9, "model": "old"})
+    redis_client.set(f"{redis_prefix}:{version}:k1", old)
+    redis_client.hset(
+        store.manifest(version),
+        mapping={"model": "old", "shard:0": 1, "status": "staged"},
+    )
+    redis_client.zadd(store.staged, {version: 1})
+    assert store.publish(version, 1, 1)
+    assert store.get_many(["k1", "k2"]) == [json.loads(old), None]
+    newer = _version(1)
+    _publish(store, newer, {"k1": _value(0, "new")})
+    _publish(store, _version(2), {"k1": _value(0, "newest")})
+    assert version in store.retire(keep=2)
+    assert redis_client.exists(f"{redis_prefix}:{version}:k1") == 0
+
+
+def test_control_keys_of_an_earlier_release_are_taken_over(
+    redis_client, redis_prefix, settings_for
+):
+    """A Redis published by a release whose control keys had no hash tag: the first store
+    built from the settings renames them, and the live version stays live and readable."""
+    old, older = _version(1), _version(0)
+    row = json.dumps({"label": 1, "class": "yes", "proba": 0.9, "model": "old"})
+    redis_client.set(f"{redis_prefix}:{old}:k1", row)
+    redis_client.set(f"{redis_prefix}:current", old)
+    redis_client.zadd(f"{redis_prefix}:versions", {older: 1, old: 2})
+    for version in (old, older):
+        redis_client.hset(
+            f"{redis_prefix}:manifest:{version}", mapping={"shard:0": 1, "status": "current"}
+        )
+    settings = settings_for(
+        {"BATCHSCORE_REDIS_URL": TEST_URL(redis_client), "BATCHSCORE_REDIS_PREFIX": redis_prefix}
+    )
+    store = OnlineStore.from_settings(settings)
+    assert store.current() == old
+    assert store.get("k1") == json.loads(row)
+    assert store.rollback() == (old, older)
+    assert not redis_client.exists(f"{redis_prefix}:current", f"{redis_prefix}:manifest:{old}")
+    assert OnlineStore.from_settings(settings).migrate_control_keys() == 0  # once
+    store.close()
+
+
+def TEST_URL(client) -> str:  # noqa: N802
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
 class _RecordingConnection(redis.Connection):
-    """A real connection that records each command it sends, and how many keys it names."""
+    """A real connection that records each command it sends, and how many args it has."""
 
     commands: list[tuple[str, int]] = []
 
@@ -114,31 +271,54 @@ class _RecordingConnection(redis.Connection):
         type(self).commands.append((str(args[0]).upper(), len(args) - 1))
         return super().send_command(*args, **kwargs)
 
+    def pack_commands(self, commands):  # a pipeline's
+        for args in commands:
+            type(self).commands.append((str(args[0]).upper(), len(args) - 1))
+        return super().pack_commands(commands)
 
-def test_get_many_reads_the_pointer_then_mgets_in_slices(store, redis_url):
-    # One Lua call over every key would hold Redis for the whole lookup (and cannot run
-    # on a Cluster): the pointer is read once, then plain MGETs of at most READ_SLICE keys.
-    _publish(store, _version(0), {f"k{i}": _value(i % 2) for i in range(2_500)})
+
+def test_get_many_reads_the_pointer_the_layout_then_short_slices(redis_url, redis_prefix):
+    # One Lua call over every key would hold Redis for the whole lookup: the pointer and
+    # the version's constants are read once (then cached), then the rows in one pipeline
+    # of scripts of at most READ_SLICE rows (on a cluster: an HMGET per bucket).
+    writer = OnlineStore(redis.Redis.from_url(redis_url), prefix=redis_prefix)
+    _publish(writer, _version(0), {f"k{i}": _value(i % 2) for i in range(2_500)})
     pool = redis.ConnectionPool.from_url(redis_url, connection_class=_RecordingConnection)
     client = redis.Redis(connection_pool=pool)
     try:
-        reader = OnlineStore(client, prefix=store.prefix)
+        reader = OnlineStore(client, prefix=redis_prefix)
         reader.current()  # connects (HELLO, SELECT) first
         _RecordingConnection.commands = []
         values = reader.get_many([f"k{i}" for i in range(2_500)])
         assert all(values)
+        slice_args = [2 * n + 4 for n in (READ_SLICE, READ_SLICE, 2_500 - 2 * READ_SLICE)]
         assert _RecordingConnection.commands == [
             ("GET", 1),
-            ("MGET", READ_SLICE),
-            ("MGET", READ_SLICE),
-            ("MGET", 2_500 - 2 * READ_SLICE),
+            ("HMGET", 1 + len(FIELDS)),
+            *(("EVAL", n) for n in slice_args),
         ]
         _RecordingConnection.commands = []
         assert reader.get("k7")["label"] == 1
-        assert [name for name, _ in _RecordingConnection.commands] == ["GET", "MGET"]
+        assert [name for name, _ in _RecordingConnection.commands] == ["GET", "EVAL"]
     finally:
         client.close()
         pool.disconnect()
+        writer.close()
+
+
+def test_get_many_on_a_cluster_reads_an_hmget_per_bucket(redis_cluster_url, redis_prefix):
+    store = OnlineStore(connect_url(redis_cluster_url), prefix=redis_prefix)
+    try:
+        _publish(store, _version(0), {f"k{i}": _value(i % 2) for i in range(300)})
+        layout = store.layout()
+        reads = plan_reads(layout, [f"k{i}" for i in range(300)], READ_SLICE, scripted=False)
+        assert {c[0] for c in reads.commands} == {"HMGET"}
+        assert sum(len(c) - 2 for c in reads.commands) == 300
+        assert [v["label"] for v in store.get_many([f"k{i}" for i in range(300)])] == [
+            i % 2 for i in range(300)
+        ]
+    finally:
+        store.close()
 
 
 def test_get_many_of_a_large_batch(store):
@@ -169,9 +349,9 @@ def test_older_version_never_overwrites_a_newer_pointer(store):
 def test_incomplete_publish_fails_and_keeps_the_previous_version(store, keys, shards):
     v1, v2 = _version(0), _version(5)
     _publish(store, v1, {"k1": _value(0, "v1"), "k2": _value(1, "v1")})
-    store.stage(v2, {"model": "svc"})
-    store.write(v2, 0, ["k1", "k2"], [_value(1, "v2"), _value(1, "v2")])
-    store.write(v2, 1, ["k3"], [_value(1, "v2")])
+    store.stage(v2, META)
+    _write(store, v2, 0, ["k1", "k2"], [_value(1, "v2"), _value(1, "v2")])
+    _write(store, v2, 1, ["k3"], [_value(1, "v2")])
     # A shard died: 3 keys in 2 shards landed, but the run expected more.
     with pytest.raises(PublishError, match="INCOMPLETE"):
         store.publish(v2, expected_keys=keys, expected_shards=shards)
@@ -181,78 +361,89 @@ def test_incomplete_publish_fails_and_keeps_the_previous_version(store, keys, sh
 
 
 def test_write_rejects_mismatched_lengths(store):
-    with pytest.raises(ValueError, match="2 keys but 1 values"):
-        store.write(_version(0), 0, ["a", "b"], ["x"])
+    version = _version(0)
+    store.stage(version, META)
+    with pytest.raises(ValueError, match="2 keys but 1 predictions"):
+        _write(store, version, 0, ["a", "b"], [_value(1)])
 
 
-def test_retire_keeps_current_and_previous(store, redis_client):
+def test_retire_keeps_current_and_previous(store):
     versions = [_version(m) for m in range(4)]
+    layouts = []
     for i, version in enumerate(versions):
-        assert _publish(store, version, {"k": _value(1, f"v{i}"), f"only{i}": _value(0)})
+        assert _publish(store, version, {"k": _value(1, f"v{i}"), f"only{i}": _value(0, f"v{i}")})
+        layouts.append(store.layout(version))
     retired = store.retire()
     assert sorted(retired) == versions[:2]
     assert store.current() == versions[3]
     assert store.get("k")["model"] == "v3"
-    for version in versions[:2]:
-        assert redis_client.keys(f"{store.prefix}:{version}:*") == []
-        assert not redis_client.exists(f"{store.prefix}:manifest:{version}")
-    for version in versions[2:]:
-        assert len(redis_client.keys(f"{store.prefix}:{version}:*")) == 2
-    published = redis_client.zrange(f"{store.prefix}:versions", 0, -1)
+    for version, layout in zip(versions[:2], layouts[:2], strict=True):
+        assert _rows_stored(store, layout) == 0
+        assert not store.client.exists(store.manifest(version))
+    for layout in layouts[2:]:
+        assert _rows_stored(store, layout) == 2
+    published = store.client.zrange(store.versions, 0, -1)
     assert [v.decode() for v in published] == versions[2:]
     assert store.retire() == []
 
 
-def test_retire_drops_staged_versions_older_than_current(store, redis_client):
+def test_retire_drops_staged_versions_older_than_current(store):
     abandoned, current, in_progress = _version(0), _version(5), _version(10)
-    store.stage(abandoned, {"model": "svc"})
-    store.write(abandoned, 0, ["k"], [_value(0)])
+    store.stage(abandoned, META)
+    _write(store, abandoned, 0, ["k"], [_value(0)])
+    gone = store.layout(abandoned)
     _publish(store, current, {"k": _value(1)})
-    store.stage(in_progress, {"model": "svc"})  # newer, still being written: keep it
-    store.write(in_progress, 0, ["k"], [_value(1)])
+    store.stage(in_progress, META)  # newer, still being written: keep it
+    _write(store, in_progress, 0, ["k"], [_value(1)])
 
     assert store.retire() == [abandoned]
-    assert redis_client.keys(f"{store.prefix}:{abandoned}:*") == []
-    assert redis_client.exists(f"{store.prefix}:manifest:{in_progress}")
-    assert redis_client.exists(f"{store.prefix}:{in_progress}:k")
+    assert _rows_stored(store, gone) == 0
+    assert store.client.exists(store.manifest(in_progress))
+    assert store.get_many(["k"], in_progress) == [_prediction(1)]
     assert store.current() == current
 
 
 def test_retire_with_nothing_published(store):
-    store.stage(_version(0), {"model": "svc"})
+    store.stage(_version(0), META)
     assert store.retire() == []
 
 
-def test_discard_refuses_current_and_removes_others(store, redis_client):
+def test_discard_refuses_current_and_removes_others(store):
     v1, v2 = _version(0), _version(5)
     _publish(store, v1, {"a": _value(0), "b": _value(1)})
     _publish(store, v2, {"a": _value(1)})
     with pytest.raises(ValueError, match="current"):
         store.discard(v2)
-    assert store.discard(v1) == 2
-    assert redis_client.keys(f"{store.prefix}:{v1}*") == []
-    assert not redis_client.exists(f"{store.prefix}:manifest:{v1}")
-    assert store.get("a") == json.loads(_value(1))
+    layout = store.layout(v1)
+    assert store.discard(v1) >= 1  # the hashes that held its 2 rows
+    assert _rows_stored(store, layout) == 0
+    assert not store.client.exists(store.manifest(v1))
+    assert store.get("a") == _prediction(1)
 
 
-def test_ttl_is_set_on_keys_and_manifest(store, redis_client):
+def test_ttl_is_set_on_keys_and_manifest(store):
     version = _version(0)
     _publish(store, version, {"k1": _value(1), "k2": _value(0)}, ttl=3600)
-    for name in (store.key(version, "k1"), store.key(version, "k2"), store.manifest(version)):
-        assert 3500 < redis_client.ttl(name) <= 3600, name
+    layout = store.layout(version)
+    names = [layout.locate(k)[0] for k in ("k1", "k2")] + [store.manifest(version)]
+    for name in names:
+        assert 3500 < store.client.ttl(name) <= 3600, name
     no_ttl = _version(5)
     _publish(store, no_ttl, {"k1": _value(1)})
-    assert redis_client.ttl(f"{store.prefix}:{no_ttl}:k1") == -1
+    assert store.client.ttl(store.layout(no_ttl).locate("k1")[0]) == -1
 
 
 def test_lookup_rows_from_reordered_columns(store):
     rows = pd.DataFrame({"a": [1.0, 17.99], "b": [2.0, 10.38], "c": [3.0, 122.8]})
     keys = row_keys(rows[COLUMNS].to_numpy())
-    _publish(store, _version(0), {keys[0]: _value(0, "first"), keys[1]: _value(1, "second")})
+    version = _version(0)
+    store.stage(version, {**META, "key_scheme": "feature_hash"})
+    store.write(version, 0, keys, _scored([_value(0, "m"), _value(1, "m")]))
+    assert store.publish(version, 2, 1)
     assert store.feature_columns() == COLUMNS
     shuffled = rows[["c", "a", "b"]].assign(extra="ignored")
-    assert [r["model"] for r in store.lookup_rows(shuffled)] == ["first", "second"]
-    assert store.lookup_rows(rows.iloc[[1]], COLUMNS)[0]["model"] == "second"
+    assert [r["label"] for r in store.lookup_rows(shuffled)] == [0, 1]
+    assert store.lookup_rows(rows.iloc[[1]], COLUMNS)[0]["label"] == 1
     unknown = pd.DataFrame({"a": [9.0], "b": [9.0], "c": [9.0]})
     assert store.lookup_rows(unknown) == [None]
     with pytest.raises(InputError, match=r"\['b'\]"):
@@ -264,27 +455,26 @@ def test_feature_columns_without_a_version(store):
         store.feature_columns()
 
 
-def test_glob_characters_in_the_prefix_are_escaped(redis_client, redis_prefix):
-    tricky = OnlineStore(redis_client, prefix=f"{redis_prefix}p[1]")
+def test_prefixes_that_look_alike_are_untouched(store, redis_prefix):
+    tricky = OnlineStore(store.client, prefix=f"{redis_prefix}p[1]")
     # What the unescaped glob p[1] matches:
-    neighbour = OnlineStore(redis_client, prefix=f"{redis_prefix}p1")
+    neighbour = OnlineStore(store.client, prefix=f"{redis_prefix}p1")
     versions = [_version(m) for m in range(3)]
     for version in versions:
         _publish(neighbour, version, {"k": _value(0, "neighbour")})
         _publish(tricky, version, {"k": _value(1, "tricky")})
-    neighbour_keys = sorted(redis_client.keys(f"{neighbour.prefix}:*"))
+    first = tricky.layout(versions[0])
 
     assert tricky.retire() == versions[:1]
-    assert sorted(redis_client.keys(f"{neighbour.prefix}:*")) == neighbour_keys
     assert neighbour.get("k")["model"] == "neighbour"
     assert tricky.get("k")["model"] == "tricky"
-    assert redis_client.exists(f"{tricky.prefix}:{versions[0]}:k") == 0
-    assert redis_client.exists(f"{tricky.prefix}:{versions[1]}:k") == 1
+    assert _rows_stored(tricky, first) == 0
+    assert all(_rows_stored(neighbour, neighbour.layout(v)) == 1 for v in versions)
 
 
-def test_other_prefixes_are_untouched(redis_client, redis_prefix):
-    one = OnlineStore(redis_client, prefix=f"{redis_prefix}one")
-    two = OnlineStore(redis_client, prefix=f"{redis_prefix}two")
+def test_other_prefixes_are_untouched(store, redis_prefix):
+    one = OnlineStore(store.client, prefix=f"{redis_prefix}one")
+    two = OnlineStore(store.client, prefix=f"{redis_prefix}two")
     versions = [_version(m) for m in range(3)]
     for version in versions:
         _publish(one, version, {"k": _value(1, "one")})
@@ -303,45 +493,47 @@ def test_status_reports_keys_and_model(store):
     assert status["model"] == "svc"
     assert status["status"] == "current"
     assert 0 <= status["age_seconds"] < 60
-    assert "feature_columns" not in status
+    assert "feature_columns" not in status and "row_models" not in status
     assert not any(k.startswith("shard:") for k in status)
 
 
-def test_writer_streams_blocks_and_counts_the_shard_once(store, redis_client):
+def test_writer_streams_blocks_and_counts_the_shard_once(store):
     version = _version(0)
-    store.stage(version, {"model": "m"})
-    with store.writer(version, 3, chunk=7) as writer:
+    store.stage(version, META)
+    with store.writer(version, 3) as writer:
+        writer.flush_rows = 30  # several pipelines
         for block in range(4):
             keys = [f"b{block}r{i}" for i in range(25)]
-            writer.write(pa.array(keys), pa.array([_value(block % 2)] * 25))
+            writer.write(pa.array(keys), _scored([_value(block % 2)] * 25))
         # Nothing is counted until the writer closes cleanly.
-        assert redis_client.hget(f"{store.prefix}:manifest:{version}", "shard:3") is None
+        assert store.manifest_field(version, "shard:3") is None
     assert writer.landed == 100
-    assert redis_client.hget(f"{store.prefix}:manifest:{version}", "shard:3") == b"100"
+    assert store.manifest_field(version, "shard:3") == "100"
     assert store.publish(version, 100, 1)
     assert store.get("b3r24")["label"] == 1
 
 
-def test_a_writer_that_fails_midway_is_never_counted(store, redis_client):
+def test_a_writer_that_fails_midway_is_never_counted(store):
     version = _version(0)
-    store.stage(version, {"model": "m"})
+    store.stage(version, META)
     with pytest.raises(RuntimeError, match="scoring failed"), store.writer(version, 0) as writer:
-        writer.write(["k1"], [_value(1)])
+        writer.write(["k1"], _scored([_value(1)]))
         raise RuntimeError("scoring failed")
-    assert redis_client.hget(f"{store.prefix}:manifest:{version}", "shard:0") is None
+    assert store.manifest_field(version, "shard:0") is None
     with pytest.raises(RuntimeError, match="context manager"):
-        store.writer(version, 1).write(["k"], ["{}"])
+        store.writer(version, 1).write(["k"], _scored([_value(1)]))
 
 
-def test_values_are_sent_with_their_utf8_byte_length(store, redis_client):
+def test_keys_are_checked_before_anything_is_written(store):
     version = _version(0)
-    store.stage(version, {"model": "m"})
-    text = json.dumps({"class": "très malin ✓"}, ensure_ascii=False)
-    for ttl in (None, 60):
-        assert store.write(version, 0, ["k\u00e9"], [text], ttl) == 1
-        assert redis_client.get(f"{store.prefix}:{version}:k\u00e9").decode() == text
+    store.stage(version, {**META, "key_scheme": "feature_hash"})
     with pytest.raises(ValueError, match="without nulls"):
-        store.write(version, 0, pa.array(["a", None]), ["x", "y"])
+        _write(store, version, 0, pa.array(["a" * 64, None]), [_value(1)] * 2)
+    with pytest.raises(ValueError, match="not 64 hex"):
+        _write(store, version, 0, ["A" * 64], [_value(1)])
+    with pytest.raises(PublishError, match="not staged"):
+        _write(store, _version(9), 0, ["a" * 64], [_value(1)])
+    assert store.manifest_field(version, "shard:0") is None
 
 
 # ------------------------------------------------------ eviction policy (own servers)
@@ -390,14 +582,14 @@ def test_a_redis_that_may_evict_keys_is_refused(private_redis, config_allowed):
     client = private_redis("--maxmemory-policy", "allkeys-lru", *hidden)
     store = OnlineStore(client, prefix="p")
     with pytest.raises(PublishError, match="maxmemory-policy is allkeys-lru.*noeviction"):
-        store.stage(_version(0), {"model": "svc"})
+        store.stage(_version(0), META)
     assert client.keys("*") == []
 
 
 def test_volatile_policies_are_refused_only_for_keys_with_a_ttl(private_redis):
     store = OnlineStore(private_redis("--maxmemory-policy", "volatile-lru"), prefix="p")
     with pytest.raises(PublishError, match="volatile-lru"):
-        store.stage(_version(0), {"model": "svc"}, ttl_seconds=3600)
+        store.stage(_version(0), META, ttl_seconds=3600)
     assert _publish(store, _version(1), {"k": _value(1)})  # no TTL: never evicted
 
 
@@ -407,8 +599,8 @@ def test_a_policy_changed_after_writing_stops_the_switch(private_redis):
     live = _version(0)
     assert _publish(store, live, {"k": _value(1)})
     version = _version(1)
-    store.stage(version, {"model": "svc"})
-    store.write(version, 0, ["k"], [_value(0)])
+    store.stage(version, META)
+    _write(store, version, 0, ["k"], [_value(0)])
     client.config_set("maxmemory-policy", "allkeys-random")
     with pytest.raises(PublishError, match="allkeys-random"):
         store.publish(version, 1, 1)
@@ -420,15 +612,15 @@ def test_a_policy_changed_after_writing_stops_the_switch(private_redis):
 
 def test_a_shard_finishing_after_its_version_was_retired_is_told_so(store):
     old, new = _version(0), _version(1)
-    store.stage(old, {"model": "old"})
+    store.stage(old, META)
     with (
         pytest.raises(SupersededError, match=f"superseded by {new}"),
         store.writer(old, 0) as writer,
     ):
-        writer.write(["a"], [_value(0)])
+        writer.write(["a"], _scored([_value(0)]))
         assert _publish(store, new, {"k": _value(1)})
         assert store.retire() == [old]  # drops the staged, older version mid-write
-        writer.write(["b"], [_value(0)])
+        writer.write(["b"], _scored([_value(0)]))
     # Its manifest is not recreated, and publishing it is refused as superseded.
     assert not store.client.exists(store.manifest(old))
     assert store.publish(old, 2, 1) is False
@@ -437,12 +629,32 @@ def test_a_shard_finishing_after_its_version_was_retired_is_told_so(store):
 
 def test_publish_checks_a_sample_of_every_shard(store):
     version = _version(0)
-    store.stage(version, {"model": "svc"})
-    store.write(version, 0, [f"k{i}" for i in range(3_000)], [_value(1)] * 3_000)
-    store.write(version, 1, ["last"], [_value(1)])
+    store.stage(version, META)
+    _write(store, version, 0, [f"k{i}" for i in range(3_000)], [_value(1)] * 3_000)
+    _write(store, version, 1, ["last"], [_value(1)])
     # Shard 0: 1,024 sampled keys and its last (unless sampled already); shard 1: its one key.
     assert store.verify(version) in (1_024 + 1, 1_024 + 1 + 1)
-    store.client.delete(store.key(version, "last"))
+    name, field = store.layout(version).locate("last")
+    store.client.hdel(name, field)
     with pytest.raises(PublishError, match="shard 1 lost keys"):
         store.publish(version, 3_001, 2)
     assert store.current() is None
+
+
+def test_every_client_has_bounded_waits(home, settings_for, redis_url):
+    """One factory, one timeout policy by use: the embedded Redis's client too."""
+    embedded = settings_for({"BATCHSCORE_HOME": str(home)})
+    served = settings_for({"BATCHSCORE_HOME": str(home), "BATCHSCORE_REDIS_URL": redis_url})
+    for settings, use, seconds in (
+        (embedded, "batch", 30),
+        (served, "batch", 30),
+        (served, "service", 1),
+        (served, "check", 10),
+    ):
+        client = connect(settings, use)
+        options = client.connection_pool.connection_kwargs
+        assert options["socket_timeout"] == seconds, (use, options)
+        if "path" not in options:  # TCP: connecting is bounded too (a Unix socket is local)
+            assert options["socket_connect_timeout"] is not None
+        assert client.ping()
+        client.close()

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from batchscore.batch.predictions import LoadedModel
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
@@ -62,18 +63,9 @@ def quarantined(env, settings_for, redis_client, redis_prefix) -> tuple[str, str
     meta = {"input": uri, "model": "svc", "feature_columns": COLUMNS, "classes": CLASSES}
     online.stage(version, {**meta, "key_scheme": "feature_hash"})
     keys = row_keys(np.array([CELLS[n] for n in GOOD], dtype=np.float64))
-    values = [
-        json.dumps(
-            {
-                "label": LABELS[n],
-                "class": CLASSES[LABELS[n]],
-                "proba": 0.1 + 0.8 * LABELS[n],
-                "model": "svc",
-            }
-        )  # fmt: skip
-        for n in GOOD
-    ]
-    online.write(version, 0, keys, values)
+    proba = np.array([0.1 + 0.8 * LABELS[n] for n in GOOD])
+    svc = LoadedModel("svc", None, "abcdef012345" + "0" * 52)
+    online.write(version, 0, keys, [(svc, (proba >= 0.5) * 1, proba)])
     assert online.publish(version, len(keys), 1)
     return version, uri, keys
 

@@ -204,11 +204,13 @@ def test_retire_with_a_glob_prefix_touches_only_its_own_keys(redis_client, redis
     for store in (other, globby):
         for minutes in (3, 2, 1):
             version = new_version("r", datetime.now(UTC) - timedelta(minutes=minutes))
-            store.stage(version, {"model": "m"})
-            store.write(version, 0, ["k"], ["{}"])
+            store.stage(version, {"model": "m", "key_scheme": "id", "id_column": "id"})
+            proba = np.array([0.5])
+            store.write(version, 0, ["k"], [(LoadedModel("m", None, "0" * 64), proba > 0, proba)])
             store.publish(version, 1, 1)
-    kept = set(redis_client.keys(f"{other.prefix}:*"))
+    kept = set(redis_client.keys(f"*{other.prefix}*"))
+    layouts = [globby.layout(v) for v in globby.manifests()]
     globby.retire(keep=1)
-    assert set(redis_client.keys(f"{other.prefix}:*")) == kept
+    assert set(redis_client.keys(f"*{other.prefix}*")) == kept
     # Only the current version's row is left.
-    assert len(redis_client.keys(f"{redis_prefix}p[[]1]:2*")) == 1
+    assert [bool(redis_client.exists(lay.locate("k")[0])) for lay in layouts] == [1, 0, 0]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,13 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_breast_cancer
 from tcp_proxy import TcpProxy
+from test_online import connect_url
 
+from batchscore.batch.predictions import LoadedModel
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
 from batchscore.versions import new_version
@@ -92,9 +96,8 @@ def _env(redis_url: str, prefix: str, proxy: TcpProxy, tmp_path: Path) -> dict[s
     }
 
 
-@pytest.fixture
-def server(redis_url: str, redis_prefix: str, proxy: TcpProxy, tmp_path: Path) -> Iterator[Server]:
-    server = Server(_env(redis_url, redis_prefix, proxy, tmp_path), tmp_path)
+def _server(env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
+    server = Server(env, tmp_path)
     yield server
     server.stop()
     if not server.expect_traceback:  # every other error is an expected one
@@ -102,32 +105,95 @@ def server(redis_url: str, redis_prefix: str, proxy: TcpProxy, tmp_path: Path) -
 
 
 @pytest.fixture
-def store(redis_client, redis_prefix: str) -> OnlineStore:
+def server(
+    topology_url: str, redis_url: str, redis_prefix: str, proxy: TcpProxy, tmp_path: Path
+) -> Iterator[Server]:
+    """The service on one Redis (through the cuttable proxy) or on the 3-master cluster
+    (any node's plain URL): tests taking it run against both."""
+    env = _env(redis_url, redis_prefix, proxy, tmp_path)
+    if topology_url != redis_url:
+        env["BATCHSCORE_REDIS_URL"] = topology_url
+    yield from _server(env, tmp_path)
+
+
+@pytest.fixture
+def proxied_server(
+    redis_url: str, redis_prefix: str, proxy: TcpProxy, tmp_path: Path
+) -> Iterator[Server]:
+    """The service on one Redis through the proxy (tests that cut the connection)."""
+    yield from _server(_env(redis_url, redis_prefix, proxy, tmp_path), tmp_path)
+
+
+@pytest.fixture
+def store(topology_url: str, redis_prefix: str) -> Iterator[OnlineStore]:
+    store = OnlineStore(connect_url(topology_url), redis_prefix)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def single_store(redis_client, redis_prefix: str) -> OnlineStore:
     return OnlineStore(redis_client, redis_prefix)
 
 
+def _proba(key: str) -> float:
+    return round(int(hashlib.sha256(key.encode()).hexdigest()[:4], 16) / 65535, 6)
+
+
+def _model(version: str) -> LoadedModel:
+    """A model whose version names the prediction set's, so a mixed answer shows."""
+    return LoadedModel("svc", None, hashlib.sha256(version.encode()).hexdigest(), 0.5)
+
+
+def model_version(version: str) -> str:
+    return _model(version).version
+
+
 def _value(version: str, key: str) -> str:
-    """A stored prediction that names its version, so a mixed answer shows."""
-    proba = int(hashlib.sha256(key.encode()).hexdigest()[:4], 16) / 65535
+    """The prediction every reader returns for `key` in `version`."""
+    proba = _proba(key)
     return json.dumps(
         {
             "label": int(proba >= 0.5),
             "class": "malignant" if proba >= 0.5 else "benign",
-            "proba": round(proba, 6),
+            "proba": proba,
             "threshold": 0.5,
             "model": "svc",
-            "model_version": version,
+            "model_version": model_version(version),
         }
     )
 
 
 def publish(store: OnlineStore, run: int, keys: list[str] = KEYS, **meta: str) -> str:
     version = new_version(f"BatchProcessingFlow/{run}")
+    if "key_scheme" not in meta and not all(re.fullmatch("[0-9a-f]{64}", k) for k in keys):
+        meta = {"key_scheme": "id", "id_column": "id", **meta}
     store.stage(
         version,
         {"model": "svc", "feature_columns": COLUMNS, "classes": ["benign", "malignant"], **meta},
     )
-    store.write(version, 0, keys, [_value(version, k) for k in keys])
+    proba = np.array([_proba(k) for k in keys])
+    store.write(version, 0, keys, [(_model(version), (proba >= 0.5).astype(int), proba)])
+    assert store.publish(version, len(keys), 1)
+    return version
+
+
+def publish_first_layout(store: OnlineStore, run: int, keys: list[str]) -> str:
+    """A version as published before the compact layout: one JSON string per row, and a
+    manifest that does not record its key scheme (the settings then say)."""
+    version = new_version(f"BatchProcessingFlow/{run}")
+    for key in keys:
+        store.client.set(f"{store.prefix}:{version}:{key}", _value(version, key))
+    store.client.hset(
+        store.manifest(version),
+        mapping={
+            "model": "svc",
+            "feature_columns": json.dumps(COLUMNS),
+            "shard:0": len(keys),
+            "status": "staged",
+        },
+    )
+    store.client.zadd(store.staged, {version: 1})
     assert store.publish(version, len(keys), 1)
     return version
 
@@ -264,9 +330,9 @@ def test_lookup_of_many_rows(server, store):
     assert answer["keys"] == row_keys(rows.to_numpy())
 
 
-def test_an_internal_error_is_a_json_500_without_stack_trace(server, store, redis_client):
+def test_an_internal_error_is_a_json_500_without_stack_trace(server, store):
     version = publish(store, 1)
-    redis_client.hset(store.manifest(version), "feature_columns", "not json")
+    store.client.hset(store.manifest(version), "feature_columns", "not json")
     server.expect_traceback = True
     rows = ROWS.head(1).to_dict(orient="records")
     response = server.http.post("/v1/predictions:lookup", json={"rows": rows})
@@ -278,14 +344,14 @@ def test_an_internal_error_is_a_json_500_without_stack_trace(server, store, redi
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["manifest", "settings"])
-def test_lookup_by_id_column(redis_url, redis_prefix, proxy, store, tmp_path, recorded):
+def test_lookup_by_id_column(redis_url, redis_prefix, proxy, single_store, tmp_path, recorded):
     """A version keyed by an id column: the lookup keys rows by that id, as text. The
     version's manifest says so; for a version that does not, BATCHSCORE_ID_COLUMN does."""
     env = _env(redis_url, redis_prefix, proxy, tmp_path)
     if recorded:
-        publish(store, 1, ["007", "42"], key_scheme="id", id_column="customer")
+        publish(single_store, 1, ["007", "42"], key_scheme="id", id_column="customer")
     else:
-        publish(store, 1, ["007", "42"])
+        publish_first_layout(single_store, 1, ["007", "42"])
         env["BATCHSCORE_ID_COLUMN"] = "customer"
     server = Server(env, tmp_path)
     try:
@@ -302,9 +368,9 @@ def test_lookup_by_id_column(redis_url, redis_prefix, proxy, store, tmp_path, re
 
 
 def test_a_version_keyed_by_feature_hash_ignores_the_id_setting(
-    redis_url, redis_prefix, proxy, store, tmp_path
+    redis_url, redis_prefix, proxy, single_store, tmp_path
 ):
-    publish(store, 1, key_scheme="feature_hash")
+    publish(single_store, 1, key_scheme="feature_hash")
     env = {**_env(redis_url, redis_prefix, proxy, tmp_path), "BATCHSCORE_ID_COLUMN": "customer"}
     server = Server(env, tmp_path)
     try:
@@ -350,21 +416,22 @@ def test_body_and_batch_size_limits(server, store):
 # ------------------------------------------------------------- versions and faults
 
 
-def test_publish_and_rollback_are_seen_at_once_and_never_mixed(server, store, redis_client):
+def test_publish_and_rollback_are_seen_at_once_and_never_mixed(server, store):
     first = publish(store, 1)
     assert server.http.get(f"/v1/predictions/{KEYS[0]}").json()["version"] == first
     second = publish(store, 2)
     for version in (second, first):
         if version == first:  # a rollback: the pointer switched back, atomically
-            redis_client.set(store.pointer, first)
+            store.client.set(store.pointer, first)
         answer = server.http.post("/v1/predictions:batchGet", json={"keys": KEYS}).json()
         assert answer["version"] == version
-        assert {p["model_version"] for p in answer["predictions"]} == {version}
+        assert {p["model_version"] for p in answer["predictions"]} == {model_version(version)}
         single = server.http.get(f"/v1/predictions/{KEYS[1]}").json()
-        assert single["version"] == single["prediction"]["model_version"] == version
+        assert single["version"] == version
+        assert single["prediction"]["model_version"] == model_version(version)
         rows = ROWS.head(10).to_dict(orient="records")
         lookup = server.http.post("/v1/predictions:lookup", json={"rows": rows}).json()
-        assert {p["model_version"] for p in lookup["predictions"]} == {version}
+        assert {p["model_version"] for p in lookup["predictions"]} == {model_version(version)}
 
 
 def test_lookup_after_the_last_seen_version_was_retired(server, store):
@@ -380,8 +447,9 @@ def test_lookup_after_the_last_seen_version_was_retired(server, store):
     assert answer["version"] == third and None not in answer["predictions"]
 
 
-def test_redis_down_is_503_and_the_service_recovers(server, store, proxy):
-    publish(store, 1)
+def test_redis_down_is_503_and_the_service_recovers(proxied_server, single_store, proxy):
+    server = proxied_server
+    publish(single_store, 1)
     assert server.http.get(f"/v1/predictions/{KEYS[0]}").status_code == 200
     proxy.cut()
     started = time.monotonic()
@@ -446,8 +514,8 @@ def test_metrics_are_prometheus_text(server, store):
     assert metrics["batchscore_redis_up"][0].value == 1
 
 
-def test_metrics_add_up_across_workers(redis_url, redis_prefix, proxy, store, tmp_path):
-    publish(store, 1)
+def test_metrics_add_up_across_workers(redis_url, redis_prefix, proxy, single_store, tmp_path):
+    publish(single_store, 1)
     server = Server(_env(redis_url, redis_prefix, proxy, tmp_path), tmp_path, "--workers", "2")
     try:
         for _ in range(20):  # new connections: spread over both workers

@@ -264,7 +264,7 @@ def _sample_keys(online: OnlineStore, count: int, settings: Settings) -> list[st
     from batchscore.rows.published import read_published_rows
 
     version = online.current()
-    source = _manifest_field(online, version, "input")
+    source = online.manifest_field(version, "input")
     if not source:
         raise LookupError("no published version to sample from")
     _, id_column = online.key_scheme(version)
@@ -273,14 +273,9 @@ def _sample_keys(online: OnlineStore, count: int, settings: Settings) -> list[st
     return online.keys_for(rows, version, columns, source)
 
 
-def _manifest_field(online: OnlineStore, version: str | None, name: str) -> str | None:
-    raw = online.client.hget(online.manifest(version), name) if version else None
-    return raw.decode() if raw is not None else None
-
-
 def _positive_class(online: OnlineStore, version: str | None) -> str | None:
     """The class `proba` is the probability of: label 1, the second of the version's classes."""
-    classes = _manifest_field(online, version, "classes")
+    classes = online.manifest_field(version, "classes")
     try:
         return str(json.loads(classes)[1]) if classes else None
     except (ValueError, IndexError, TypeError):

@@ -15,10 +15,12 @@ from batchscore.storage.tracking import Tracker
 
 
 def history(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
-    """Batch runs, newest first, with what Redis says of each version now."""
+    """Batch runs, newest first, with what Redis says of each version now, and which
+    version `rollback` would restore."""
     online = OnlineStore.from_settings(settings)
     manifests = online.manifests()
     current = online.current()
+    _, restores = online.kept(settings.keep_versions)  # what `rollback` would switch to
     with Tracker(settings.resolved_database_url) as tracker:
         runs = tracker.batch_history(limit)
     rows = []
@@ -33,6 +35,8 @@ def history(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
             state = manifest.get("status", "staged")
             if state == "current":  # it was, until a newer version went live
                 state = "published"
+            if version == restores:
+                state += " (rollback restores it)"
         rows.append(
             {
                 "version": version,

@@ -53,7 +53,7 @@ def score_shard(
     from threadpoolctl import threadpool_limits
 
     from batchscore.batch.drift import BatchProfile
-    from batchscore.batch.predictions import encode, predict_all
+    from batchscore.batch.predictions import predict_all
     from batchscore.online.errors import SupersededError
     from batchscore.online.store import OnlineStore
     from batchscore.rows.keys import first_occurrences, hash_rows
@@ -92,9 +92,7 @@ def score_shard(
                     _, labels, proba = outputs[0]
                     profile.add(bundle.reference, block.to_numpy(), proba, labels)
                     clock.lap("profile")
-                values = encode(outputs, bundle.classes)
-                clock.lap("encode")
-                writer.write(keys.slice(start, SCORE_BLOCK_ROWS), values)
+                writer.write(keys.slice(start, SCORE_BLOCK_ROWS), outputs)
                 clock.lap("write")
     except SupersededError as exc:
         # A newer run went live meanwhile and retired this version while it was written:

@@ -1,11 +1,14 @@
 """The Redis online store: versioned, batch-first publishing and one-round-trip lookups.
 
-Layout (the Redis contract):
-    {prefix}:{version}:{row_key}  -> the row's prediction (JSON)
+Layout (the Redis contract; `{prefix}` with its braces: one hash tag, one cluster slot):
     {prefix}:current              -> the version readers use
     {prefix}:versions             -> sorted set of published versions (score: publish time)
     {prefix}:staged               -> sorted set of versions being written (score: stage time)
-    {prefix}:manifest:{version}   -> hash: per-shard counts, model, status, timestamps
+    {prefix}:manifest:{version}   -> hash: per-shard counts, model, status, timestamps, and
+                                     the version's constants and row layout (`layout.py`)
+    {prefix}:next_id              -> the counter behind each version's short row-name prefix
+    prefix:r{id}:{bucket}         -> hash of ~64 rows: row digest -> probabilities (rows
+                                     spread over every slot of a cluster)
 
 A run writes its rows under a fresh version that nobody reads yet, counts them, and only
 then moves `current`, atomically, in a Lua script that also refuses to move it backwards.
@@ -21,26 +24,37 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import pyarrow as pa
 import redis
 
 from batchscore.config import Settings
-from batchscore.online.connection import connect
+from batchscore.online.connection import Use, cluster_mode, connect
 from batchscore.online.errors import PublishError, SupersededError
-from batchscore.online.writer import WRITE_CHUNK, ShardWriter
+from batchscore.online.layout import (
+    COMPACT,
+    FIELDS,
+    Layout,
+    RowModel,
+    buckets_for,
+    plan_reads,
+)
+from batchscore.online.writer import ShardWriter
 from batchscore.rows.keys import id_keys, row_keys
 
 if TYPE_CHECKING:  # pandas and the table readers cost every batch-flow step 0.3 s to import
     import pandas as pd
 
+    from batchscore.batch.predictions import Scored
+
 log = logging.getLogger(__name__)
 
 SCAN_COUNT = 5_000
 KEEP_VERSIONS = 2  # current + previous: a two-step reader mid-read never loses its version
+DEFAULT_ROWS = 1_000_000  # a first version's rows are laid out for this many
+UNUSABLE = ("rolled back", "retired")  # statuses rollback never restores
 
 
-READ_SLICE = 1_000  # keys per MGET: Redis serves other clients between slices
+READ_SLICE = 1_000  # rows per read command: Redis serves other clients between slices
 SAFE_POLICY = "noeviction"
 _SCRIPTS = resources.files("batchscore.online") / "scripts"
 
@@ -64,51 +78,115 @@ def _glob_escape(text: str) -> str:
 class OnlineStore:
     """Write prediction sets in batches, publish them atomically, read them back."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "predictions") -> None:
-        if not prefix or ":" in prefix or re.search(r"\s", prefix):
-            raise ValueError(f"Redis prefix {prefix!r} must be non-empty, without ':' or spaces")
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "predictions",
+        legacy_id_column: str | None = None,
+    ) -> None:
+        if not prefix or re.search(r"[\s:{}]", prefix):
+            raise ValueError(
+                f"Redis prefix {prefix!r} must be non-empty, without ':', braces or spaces"
+            )
         self.client = client
+        self.cluster = cluster_mode(client)
         self.prefix = prefix
-        self.pointer = f"{prefix}:current"
-        self.versions = f"{prefix}:versions"
-        self.staged = f"{prefix}:staged"
+        # One hash tag for every control key: each script touches one cluster slot.
+        self.tag = f"{{{prefix}}}"
+        self.pointer = f"{self.tag}:current"
+        self.versions = f"{self.tag}:versions"
+        self.staged = f"{self.tag}:staged"
+        self.sequence = f"{self.tag}:next_id"  # short ids for the versions' row names
         self._publish = client.register_script(_script("publish"))
         self._record_shard = client.register_script(_script("record_shard"))
         self._rollback = client.register_script(_script("rollback"))
         self._annotate = client.register_script(_script("annotate"))
+        self._retire = client.register_script(_script("retire"))
+        self._migrate = client.register_script(_script("migrate"))
+        self._layouts: dict[str, Layout] = {}  # published versions never change
+        # How versions that predate the manifest's `key_scheme` were keyed: the settings say.
+        self.legacy_id_column = legacy_id_column
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> OnlineStore:
-        return cls(connect(settings), settings.redis_prefix)
+    def from_settings(cls, settings: Settings, use: Use = "batch") -> OnlineStore:
+        store = cls(connect(settings, use), settings.redis_prefix, settings.id_column)
+        store.migrate_control_keys()
+        return store
 
-    def key(self, version: str, row_key: str) -> str:
-        return f"{self.prefix}:{version}:{row_key}"
+    def migrate_control_keys(self) -> int:
+        """Rename the untagged control keys of a Redis published before the hash tag
+        (`prefix:current`, `prefix:manifest:...`), once: their versions stay live. One
+        EXISTS when there is nothing to do; never needed on a cluster (it never worked
+        there before). Returns the manifests moved."""
+        if self.cluster or not self.client.exists(f"{self.prefix}:current"):
+            return 0
+        old, new = f"{self.prefix}:", f"{self.tag}:"
+        return self._migrate(
+            keys=[old + "current", self.pointer, old + "versions", self.versions,
+                  old + "staged", self.staged],
+            args=[old + "manifest:", new + "manifest:"],
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.client.close()
 
     def manifest(self, version: str) -> str:
-        return f"{self.prefix}:manifest:{version}"
+        return f"{self.tag}:manifest:{version}"
 
     # ------------------------------------------------------------------ writing
 
     def stage(self, version: str, meta: dict[str, Any], ttl_seconds: int | None = None) -> None:
-        """Open a version: its manifest says who is writing it, and that it is not live.
+        """Open a version: its manifest says who is writing it, how its rows are laid out,
+        and that it is not live.
 
         Refused on a Redis that may evict the version's keys: a lost key would go live.
+        Its rows go into about one hash per ROWS_PER_BUCKET rows of the live version (a
+        batch is usually the size of the previous one; the first is sized for 1M rows).
         """
         self.check_eviction_policy(ttl_seconds)
+        live = self.current()
+        rows = self.row_count(live) if live else 0
+        layout = {
+            "format": COMPACT,
+            "rows": f"{self.prefix}:r{self.client.incr(self.sequence)}:",
+            "buckets": buckets_for(rows or DEFAULT_ROWS),
+        }
+        if "key_scheme" not in meta:  # every compact version records how it keys rows
+            scheme = self.legacy_id_column
+            meta = (
+                {**meta, "key_scheme": "id", "id_column": scheme}
+                if scheme
+                else {**meta, "key_scheme": "feature_hash"}
+            )
         fields = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.manifest(version), mapping={**fields, "status": "staged"})
+        pipe.hset(
+            self.manifest(version),
+            mapping={**fields, "layout": json.dumps(layout), "status": "staged"},
+        )
         # Registered so that `retire` finds abandoned versions without scanning the keyspace.
         pipe.zadd(self.staged, {version: time.time()})
         if ttl_seconds:
             pipe.expire(self.manifest(version), ttl_seconds)
         pipe.execute()
 
+    def row_count(self, version: str) -> int:
+        """Rows the version's shards recorded."""
+        names = [n for n in self.client.hkeys(self.manifest(version)) if n.startswith(b"shard:")]
+        counts = self.client.hmget(self.manifest(version), names) if names else []
+        return sum(int(c) for c in counts if c is not None)
+
     def eviction_policy(self) -> str | None:
         """Redis's `maxmemory-policy`: from CONFIG, or from INFO where a managed service
-        refuses CONFIG; None if neither says."""
+        refuses CONFIG; None if neither says. On a cluster, the strictest node's."""
         try:
-            policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
+            found = self.client.config_get("maxmemory-policy")
+            if self.cluster:  # {node: {name: value}}, or one node's answer
+                values = [v.get("maxmemory-policy") for v in found.values() if isinstance(v, dict)]
+                values = values or [found.get("maxmemory-policy")]
+                policy = next((v for v in values if v and v != SAFE_POLICY), values[0])
+            else:
+                policy = found.get("maxmemory-policy")
         except redis.ResponseError:  # CONFIG renamed or not permitted (ElastiCache, ACLs)
             policy = None
         if not policy:
@@ -144,28 +222,30 @@ class OnlineStore:
         if not recorded:
             raise SupersededError(f"version {version} was superseded by {self.current()}")
 
-    def writer(
-        self,
-        version: str,
-        shard: str | int,
-        ttl_seconds: int | None = None,
-        chunk: int = WRITE_CHUNK,
-    ) -> ShardWriter:
-        """A streaming writer for one shard: feed it rows as they are scored."""
-        return ShardWriter(self, version, shard, ttl_seconds, chunk)
+    def record_models(self, version: str, models: Sequence[RowModel]) -> None:
+        """The models whose probabilities a row holds, champion first (the writers' first
+        block says; every shard of a version writes the same)."""
+        described = [
+            {"name": m.name, "version": m.version, "threshold": m.threshold} for m in models
+        ]
+        if not self.annotate(version, {"row_models": described}):
+            raise SupersededError(f"version {version} is gone (retired or discarded)")
+
+    def writer(self, version: str, shard: str | int, ttl_seconds: int | None = None) -> ShardWriter:
+        """A streaming writer for one shard: feed it `(keys, predict_all(...))` blocks."""
+        return ShardWriter(self, version, shard, ttl_seconds)
 
     def write(
         self,
         version: str,
         shard: str | int,
         row_keys: pa.Array | Sequence[str],
-        values: pa.Array | Sequence[str],
+        outputs: Sequence[Scored],
         ttl_seconds: int | None = None,
-        chunk: int = WRITE_CHUNK,
     ) -> int:
-        """Write one shard's rows under `version`; returns how many keys Redis acknowledged."""
-        with self.writer(version, shard, ttl_seconds, chunk) as writer:
-            writer.write(row_keys, values)
+        """Write one shard's rows under `version`; returns how many Redis acknowledged."""
+        with self.writer(version, shard, ttl_seconds) as writer:
+            writer.write(row_keys, outputs)
         return writer.landed
 
     def publish(self, version: str, expected_keys: int, expected_shards: int) -> bool:
@@ -191,19 +271,24 @@ class OnlineStore:
         """Check Redis-side that each shard's sampled keys still exist (evicted, flushed or
         lost in a failover since they were acknowledged?); returns how many were checked.
 
-        Counting every key instead means SCANning the whole keyspace (see
+        Counting every key instead means reading every bucket (see
         benchmarks/bench_lookup.py); a uniform sample of 1,024 keys per shard plus its last
         key catches a loss of 1% of a shard with probability 1 - 0.99**1024 > 0.9999.
         """
         fields = self.client.hgetall(self.manifest(version))
+        layout = self.layout(version)
         checked = 0
         for name, raw in sorted(fields.items()):
-            if not name.startswith(b"sample:"):
+            if not name.startswith(b"sample:") or layout is None:
                 continue
             sample = json.loads(raw)
             pipe = self.client.pipeline(transaction=False)
             for row_key in sample:
-                pipe.exists(self.key(version, row_key))
+                where, field = layout.locate(row_key)
+                if field is None:
+                    pipe.exists(where)
+                else:
+                    pipe.hexists(where, field)
             missing = [k for k, found in zip(sample, pipe.execute(), strict=True) if not found]
             if missing:
                 shard = name.decode().removeprefix("sample:")
@@ -215,16 +300,48 @@ class OnlineStore:
             checked += len(sample)
         return checked
 
+    def statuses(self, versions: Sequence[str]) -> dict[str, str | None]:
+        """Each version's manifest status (None: no manifest)."""
+        pipe = self.client.pipeline(transaction=False)
+        for version in versions:
+            pipe.hget(self.manifest(version), "status")
+        return {
+            v: (s.decode() if s is not None else None)
+            for v, s in zip(versions, pipe.execute(), strict=True)
+        }
+
+    def kept(self, keep: int = KEEP_VERSIONS) -> tuple[list[str], str | None]:
+        """(the published versions `retire` keeps, the one `rollback` would restore).
+
+        Kept: the live version, the newest `keep` published versions no newer than it that
+        were never rolled back from (rollback's candidates, in order), and versions newer
+        than it (rolled back from: `promote` may bring one back).
+        """
+        current = self.current()
+        if current is None:
+            return [], None
+        published = [v.decode() for v in self.client.zrevrange(self.versions, 0, -1)]
+        statuses = self.statuses(published)
+        kept = [v for v in published if v > current]
+        # What rollback may restore: a manifest still there, never rolled back from.
+        restorable = {v for v, status in statuses.items() if status and status not in UNUSABLE}
+        usable = [v for v in published if v == current or (v < current and v in restorable)]
+        kept += usable[: max(keep, 1)]
+        if current not in kept:
+            kept.append(current)
+        candidates = [v for v in usable if v < current]
+        return kept, candidates[0] if candidates else None
+
     def retire(self, keep: int = KEEP_VERSIONS) -> list[str]:
-        """Delete versions no reader needs: published ones beyond the newest `keep`, and
-        staged ones older than `current` (they can never be published). UNLINK frees
-        memory in the background, SCAN walks the keyspace in steps: Redis keeps serving
-        while this runs, and with nothing to retire no key is scanned at all."""
+        """Delete versions no reader needs: published ones `kept` does not keep, and staged
+        ones older than `current` (they can never be published). UNLINK frees memory in
+        the background: Redis keeps serving while this runs."""
         current = self.current()
         if current is None:
             return []
+        kept, _ = self.kept(keep)
         published = [v.decode() for v in self.client.zrevrange(self.versions, 0, -1)]
-        doomed = [v for v in published[keep:] if v != current]
+        doomed = [v for v in published if v not in kept]
         staged = (v.decode() for v in self.client.zrange(self.staged, 0, -1))
         doomed += [v for v in staged if v < current]
         for version in doomed:
@@ -232,22 +349,37 @@ class OnlineStore:
         return doomed
 
     def discard(self, version: str) -> int:
-        """Remove a version's rows and records (e.g. after a failed run); returns rows removed."""
-        if version == self.current():
-            raise ValueError(f"refusing to discard {version}: it is the current version")
+        """Remove a version's rows and records (e.g. after a failed run); returns the row
+        keys removed (hashes of ~64 rows each in the compact layout).
+
+        The version is first marked retired, atomically (a rollback running meanwhile can
+        then never pick it), and only then are its rows deleted.
+        """
+        layout = self.layout(version)  # before the manifest says retired: where its rows are
+        try:
+            self._retire(
+                keys=[self.pointer, self.manifest(version), self.versions, self.staged],
+                args=[version, f"{time.time():.6f}"],
+            )
+        except redis.ResponseError as exc:
+            raise ValueError(f"refusing to discard {version}: {exc}") from None
         removed = 0
-        batch: list[bytes] = []
-        pattern = _glob_escape(f"{self.prefix}:{version}:") + "*"
-        for name in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
-            batch.append(name)
-            if len(batch) >= SCAN_COUNT:
+        if layout is not None and layout.compact:
+            names = [f"{layout.rows}{b}" for b in range(layout.buckets)]
+            for first in range(0, len(names), SCAN_COUNT):
+                removed += self.client.unlink(*names[first : first + SCAN_COUNT])
+        else:  # the first layout: one key per row, found by SCAN
+            batch: list[bytes] = []
+            pattern = _glob_escape(f"{self.prefix}:{version}:") + "*"
+            for name in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
+                batch.append(name)
+                if len(batch) >= SCAN_COUNT:
+                    removed += self.client.unlink(*batch)
+                    batch.clear()
+            if batch:
                 removed += self.client.unlink(*batch)
-                batch.clear()
-        if batch:
-            removed += self.client.unlink(*batch)
         self.client.unlink(self.manifest(version))
-        self.client.zrem(self.versions, version)
-        self.client.zrem(self.staged, version)
+        self._layouts.pop(version, None)
         return removed
 
     # ------------------------------------------------------------------ reading
@@ -256,8 +388,25 @@ class OnlineStore:
         value = self.client.get(self.pointer)
         return value.decode() if value is not None else None
 
+    def layout(self, version: str | None = None) -> Layout | None:
+        """How the version lays out its rows, with its constants; None when it is gone."""
+        version = version or self.current()
+        if version is None:
+            return None
+        if version in self._layouts:
+            return self._layouts[version]
+        layout = self.layout_of(version, self.client.hmget(self.manifest(version), FIELDS))
+        if layout is not None and (layout.models or not layout.compact):
+            self._layouts[version] = layout  # complete: it will not change
+        return layout
+
+    def layout_of(self, version: str, values: Sequence[bytes | None]) -> Layout | None:
+        """The layout from the manifest's `layout.FIELDS` (as HMGET answers them): the one
+        home of the key-scheme rule, for this store and the HTTP service's async reads."""
+        return Layout.from_manifest(self.prefix, version, values, self.legacy_id_column)
+
     def get(self, row_key: str) -> dict[str, Any] | None:
-        """One row's prediction from the current version: two round trips (pointer, GET)."""
+        """One row's prediction from the current version."""
         return self.get_many([row_key])[0]
 
     def get_many(
@@ -265,32 +414,30 @@ class OnlineStore:
     ) -> list[dict[str, Any] | None]:
         """Rows from the current version (or `version`); None where a row is absent.
 
-        The pointer is read once, then the keys in MGET slices of `READ_SLICE`: Redis
-        serves other clients between slices, and a version stays readable while a newer
-        one goes live (the previous one is kept). On a Redis Cluster client the slices are
-        split by hash slot (`mget_nonatomic`).
+        The pointer and the version's layout are read once, then the rows in one pipeline
+        of short commands (`layout.plan_reads`: a script per 1,000 rows on one Redis, an
+        HMGET per bucket on a cluster, grouped by node): Redis serves other clients between
+        them, and a version stays readable while a newer one goes live (the previous one
+        is kept).
         """
         keys = list(row_keys)
-        version = version or self.current()
-        if version is None or not keys:
+        layout = self.layout(version)
+        if layout is None or not keys:
             return [None] * len(keys)
-        mget = getattr(self.client, "mget_nonatomic", self.client.mget)
-        base = f"{self.prefix}:{version}:"
-        values: list[dict[str, Any] | None] = []
-        for first in range(0, len(keys), READ_SLICE):
-            found = mget([base + k for k in keys[first : first + READ_SLICE]])
-            values += [orjson.loads(v) if v is not None else None for v in found]
-        return values
+        reads = plan_reads(layout, keys, READ_SLICE, scripted=not self.cluster)
+        pipe = self.client.pipeline(transaction=False)
+        for command in reads.commands:
+            pipe.execute_command(*command)
+        values = reads.values(pipe.execute())
+        return [layout.prediction(v) if v is not None else None for v in values]
 
     def key_scheme(self, version: str | None = None) -> tuple[str, str | None]:
-        """How the version keyed its rows: ("feature_hash", None) or ("id", id column)."""
-        version = version or self.current()
-        if version is None:
+        """How the version keyed its rows: ("feature_hash", None) or ("id", id column).
+        The one home of this rule: the CLI, the notebook and the HTTP service ask here."""
+        layout = self.layout(version)
+        if layout is None:
             raise LookupError("no published version")
-        scheme, column = self.client.hmget(self.manifest(version), "key_scheme", "id_column")
-        if scheme == b"id":
-            return "id", column.decode()
-        return "feature_hash", None
+        return layout.key_scheme, layout.id_column
 
     def keys_for(
         self,
@@ -326,11 +473,15 @@ class OnlineStore:
 
     def feature_columns(self, version: str | None = None) -> list[str]:
         """The training-order feature columns the version was scored with."""
-        version = version or self.current()
-        raw = self.client.hget(self.manifest(version), "feature_columns") if version else None
-        if raw is None:
+        layout = self.layout(version)
+        if layout is None or not layout.feature_columns:
             raise LookupError("no published version records its feature columns")
-        return json.loads(raw)
+        return layout.feature_columns
+
+    def manifest_field(self, version: str | None, name: str) -> str | None:
+        """One field of a version's manifest (None: no such version or field)."""
+        raw = self.client.hget(self.manifest(version), name) if version else None
+        return raw.decode() if raw is not None else None
 
     def status(self) -> dict[str, Any]:
         """What `python -m batchscore status` shows: current version and its manifest."""
@@ -350,7 +501,7 @@ class OnlineStore:
             k: v
             for k, v in manifest.items()
             if not k.startswith("shard:")
-            and k not in ("feature_columns", "classes", "score_counts")
+            and k not in ("feature_columns", "classes", "score_counts", "layout", "row_models")
         }
         published_at = float(info.pop("published_at", "nan"))
         return {
@@ -366,15 +517,16 @@ class OnlineStore:
     def rollback(self) -> tuple[str, str]:
         """Readers back to the previous published version, atomically: (from, to).
 
-        Refuses when that version has been retired (its keys are gone) or when the live
-        version changed while this ran. The rolled-back version stays published (and
-        kept), so `promote` can bring it back.
+        The previous version is the newest older one never rolled back from (nor retired):
+        rolling back twice never brings back what the first rollback left. Refuses when
+        there is none, or when the live version changed while this ran. The rolled-back
+        version stays published (and kept), so `promote` can bring it back.
         """
         current = self.current()
         try:
             restored = self._rollback(
                 keys=[self.pointer, self.versions],
-                args=[self.prefix, current or "", f"{time.time():.6f}"],
+                args=[self.tag, current or "", f"{time.time():.6f}"],
             )
         except redis.ResponseError as exc:
             raise PublishError(f"rollback refused: {exc}") from exc

@@ -1,4 +1,5 @@
-"""The streaming writer: one shard's rows into a staged version, a pipeline at a time."""
+"""The streaming writer: one shard's scored rows into a staged version, in the compact
+layout (`layout.py`): rows grouped by bucket, one HSET per bucket, a pipeline at a time."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchscore.online.errors import PublishError
+from batchscore.online.layout import PROBA_BYTES, Layout, RowModel
 
 if TYPE_CHECKING:
-    from batchscore.online.store import OnlineStore
+    from batchscore.batch.predictions import Scored
 
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 2_000  # keys per MSET: 1,000-5,000 measured best (benchmarks/README.md)
-_BLOCK_ROWS = 20_000  # rows per pipeline: one round of replies, a few MB in flight
+FLUSH_ROWS = 250_000  # rows per pipeline: ~4 rows per bucket and HSET at 1M rows a version
 SAMPLE_KEYS = 1_024  # keys per shard checked with EXISTS before the switch
 
 
@@ -68,38 +69,85 @@ def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:
     return items
 
 
+def digests(keys: pa.Array, layout: Layout) -> np.ndarray:
+    """The rows' 32-byte digests (n x 32 uint8): the hex row key's bytes, or SHA-256(id)."""
+    if layout.key_scheme == "id":
+        import hashlib
+
+        joined = b"".join(hashlib.sha256(k.encode()).digest() for k in keys.to_pylist())
+    else:
+        valid = pc.match_substring_regex(keys, "^[0-9a-f]{64}$")
+        if not pc.all(valid).as_py():
+            bad = keys.filter(pc.invert(valid))[0].as_py()
+            raise ValueError(f"row key {bad!r} is not 64 hex characters (a feature hash)")
+        joined = bytes.fromhex("".join(keys.to_pylist()))
+    return np.frombuffer(joined, dtype=np.uint8).reshape(len(keys), 32)
+
+
+def probabilities(outputs: Sequence[Scored]) -> np.ndarray:
+    """The rows' values (n x 3m uint8): each model's published probability in millionths,
+    big-endian, champion first."""
+    from batchscore.training.models import published_proba
+
+    columns = []
+    for model, _, proba in outputs:
+        if not np.isfinite(proba).all():
+            raise ValueError(f"model {model.name!r} returned a probability that is NaN or infinite")
+        micro = np.rint(published_proba(np.asarray(proba, dtype=np.float64)) * 1e6)
+        micro = np.clip(micro, 0, 1_000_000).astype(">u4").view(np.uint8).reshape(-1, 4)
+        columns.append(micro[:, 4 - PROBA_BYTES :])
+    return np.ascontiguousarray(np.hstack(columns))
+
+
+def row_models(outputs: Sequence[Scored]) -> list[RowModel]:
+    models = []
+    for model, _, _ in outputs:
+        threshold = float(model.threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"model {model.name!r} has threshold {threshold}, outside [0, 1]")
+        models.append(RowModel(model.name, model.version, threshold))
+    return models
+
+
 class ShardWriter:
     """Streams one shard's rows into a staged version through redis-py pipelines.
 
-    Without a TTL a chunk is one MSET (one reply); with one it is a run of
-    `SET name value EX ttl`, about half as fast on the server. The rows of each `write`
-    (in `score_shard`, a block of 50,000) go as pipelines of `_BLOCK_ROWS` without MULTI,
-    packed by hiredis and executed on a background thread, so that Redis stores the last
-    of them while the caller scores the next block.
-    A dropped connection is retried under the client's policy by resending the whole
-    pipeline (MSET and SET are idempotent). On a clean exit the writer waits for the last
-    block, checks that every key was acknowledged, and only then records the shard's count,
-    so a shard that died midway is never counted.
+    Rows are buffered up to `FLUSH_ROWS`, grouped by bucket and sent as one HSET per
+    bucket (with an EXPIRE when the version has a TTL), packed by hiredis and executed on
+    a background thread, so that Redis stores one batch while the caller scores the next.
+    On a cluster the pipeline is split by node. A dropped connection is retried under the
+    client's policy by resending the whole pipeline (HSET is idempotent). On a clean exit
+    the writer flushes, waits for the last pipeline, checks that every row was
+    acknowledged, and only then records the shard's count, so a shard that died midway is
+    never counted.
     """
 
     def __init__(
         self,
-        store: OnlineStore,
+        store: Any,  # the OnlineStore that opened it (not imported: store imports this module)
         version: str,
         shard: str | int,
         ttl_seconds: int | None = None,
-        chunk: int = WRITE_CHUNK,
+        flush_rows: int = FLUSH_ROWS,
     ) -> None:
         self.store, self.version, self.shard = store, version, shard
-        self.ttl, self.chunk = ttl_seconds, chunk
-        self.base = f"{store.prefix}:{version}:"
+        self.ttl, self.flush_rows = ttl_seconds, flush_rows
         self.sent = 0
         self.landed = 0
+        self.layout: Layout | None = None
+        self._models: list[RowModel] | None = None
+        self._digests: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._buffered = 0
         self._sender: ThreadPoolExecutor | None = None
-        self._in_flight: Future[None] | None = None  # the previous block's pipeline
+        self._in_flight: Future[None] | None = None  # the previous batch's pipeline
         self.sample = KeySample()  # checked by `OnlineStore.verify` before the switch
 
     def __enter__(self) -> ShardWriter:
+        layout = self.store.layout(self.version)
+        if layout is None or not layout.compact:
+            raise PublishError(f"version {self.version} is not staged (discarded, or never opened)")
+        self.layout = layout
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
         return self
 
@@ -107,59 +155,80 @@ class ShardWriter:
         sender, self._sender = self._sender, None
         try:
             if kind is None:
+                self._flush(sender)
                 self._wait()
         finally:
             sender.shutdown(wait=True, cancel_futures=True)
         if kind is None:
             self._record()
 
-    def write(self, row_keys: pa.Array | Sequence[str], values: pa.Array | Sequence[str]) -> None:
-        """Queue these rows (a block of any size); the previous block's replies are checked."""
+    def write(self, row_keys: pa.Array | Sequence[str], outputs: Sequence[Scored]) -> None:
+        """Queue these rows: their keys and `predict_all`'s outputs (champion first)."""
         if self._sender is None:
             raise RuntimeError("use the writer as a context manager: `with store.writer(...)`")
-        keys, texts = _strings(row_keys, "row keys"), _strings(values, "values")
-        if len(keys) != len(texts):
-            raise ValueError(f"{len(keys)} keys but {len(texts)} values")
-        for block in range(0, len(keys), _BLOCK_ROWS):
-            # Names and values as bytes, straight from Arrow: nothing to encode per key.
-            block_keys = keys.slice(block, _BLOCK_ROWS).cast(pa.string())
-            self.sample.add(block_keys)
-            names = pc.binary_join_element_wise(self.base, block_keys, "")
-            pipe, sizes = self._pipeline(
-                _as_bytes(names), _as_bytes(texts.slice(block, _BLOCK_ROWS))
-            )
-            self._wait()
-            self.sent += sum(sizes)
-            self._in_flight = self._sender.submit(self._execute, pipe, sizes)
+        keys = _strings(row_keys, "row keys")
+        for _, _, proba in outputs:
+            if len(proba) != len(keys):
+                raise ValueError(f"{len(keys)} keys but {len(proba)} predictions")
+        models = row_models(outputs)
+        if self._models is None:
+            self.store.record_models(self.version, models)
+            self._models = models
+        elif models != self._models:
+            raise ValueError("every block of a version must come from the same models")
+        if not len(keys):
+            return
+        self.sample.add(keys.cast(pa.string()))
+        self._digests.append(digests(keys, self.layout))
+        self._values.append(probabilities(outputs))
+        self._buffered += len(keys)
+        if self._buffered >= self.flush_rows:
+            self._flush(self._sender)
 
-    def _pipeline(self, names: np.ndarray, values: np.ndarray) -> tuple[Any, list[int]]:
+    def _flush(self, sender: ThreadPoolExecutor) -> None:
+        if not self._buffered:
+            return
+        found, values = np.vstack(self._digests), np.vstack(self._values)
+        self._digests, self._values, self._buffered = [], [], 0
+        pipe, sizes = self._pipeline(found, values)
+        self._wait()
+        self.sent += len(found)
+        self._in_flight = sender.submit(self._execute, pipe, sizes)
+
+    def _pipeline(self, found: np.ndarray, values: np.ndarray) -> tuple[Any, list[int]]:
+        layout = self.layout
+        bucket = np.ascontiguousarray(found[:, :4]).view(">u4").ravel() % layout.buckets
+        order = np.argsort(bucket, kind="stable")
+        bucket = bucket[order]
+        width = values.shape[1]
+        fields_bytes, values_bytes = found[order].tobytes(), values[order].tobytes()
+        fields = [fields_bytes[i : i + 32] for i in range(0, len(fields_bytes), 32)]
+        texts = [values_bytes[i : i + width] for i in range(0, len(values_bytes), width)]
+        starts = np.flatnonzero(np.diff(bucket, prepend=-1)).tolist() + [len(bucket)]
         pipe = self.store.client.pipeline(transaction=False)
         sizes = []
-        for start in range(0, len(names), self.chunk):
-            chunk_names = names[start : start + self.chunk]
-            chunk_values = values[start : start + self.chunk]
+        for first, last in zip(starts[:-1], starts[1:], strict=True):
+            name = f"{layout.rows}{bucket[first]}"
+            pairs: list[bytes] = [None] * (2 * (last - first))  # type: ignore[list-item]
+            pairs[0::2], pairs[1::2] = fields[first:last], texts[first:last]
+            pipe.execute_command("HSET", name, *pairs)
+            sizes.append(last - first)
             if self.ttl:
-                for name, value in zip(chunk_names, chunk_values, strict=True):
-                    pipe.execute_command("SET", name, value, "EX", self.ttl)
-                sizes += [1] * len(chunk_names)
-            else:
-                pairs = np.empty(2 * len(chunk_names), dtype=object)
-                pairs[0::2], pairs[1::2] = chunk_names, chunk_values
-                pipe.execute_command("MSET", *pairs)
-                sizes.append(len(chunk_names))
+                pipe.execute_command("EXPIRE", name, self.ttl)
+                sizes.append(0)
         return pipe, sizes
 
     def _execute(self, pipe: Any, sizes: list[int]) -> None:
         for size, reply in zip(sizes, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(reply, Exception):
                 log.warning("Redis refused a write: %s", reply)
-            elif reply:
+            else:  # HSET answers how many fields were new: a replayed one counts too
                 self.landed += size
 
     def _wait(self) -> None:
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
-            in_flight.result()  # a failed block's error surfaces here
+            in_flight.result()  # a failed batch's error surfaces here
 
     def _record(self) -> None:
         if self.landed != self.sent:
@@ -167,7 +236,3 @@ class ShardWriter:
                 f"shard {self.shard}: Redis acknowledged {self.landed} of {self.sent}"
             )
         self.store.record_shard(self.version, self.shard, self.landed, self.sample.keys())
-
-
-def _as_bytes(texts: pa.Array) -> np.ndarray:
-    return texts.cast(pa.binary()).to_numpy(zero_copy_only=False)

@@ -159,13 +159,15 @@ def check_database(url: str) -> None:
 
 
 def check_redis(settings: Settings) -> None:
+    """PING the configured Redis (or any node of a cluster) through the one connection
+    factory, with the short waits of its `check` policy."""
     import redis
+
+    from batchscore.online.connection import connect
 
     url = settings.redis_url or ""
     try:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS, socket_timeout=10
-        )
+        client = connect(settings, "check")
         client.ping()
     except (redis.RedisError, ValueError, OSError) as exc:
         raise ServiceError("BATCHSCORE_REDIS_URL", url, reason(exc)) from None

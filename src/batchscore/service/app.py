@@ -8,11 +8,12 @@ Routes (the HTTP contract in ARCHITECTURE.md):
     POST /v1/predictions:lookup       {"rows": [{feature: value}, ...]}: keys computed here
     GET  /v1/status, /healthz, /readyz, /metrics, /docs
 
-Every answer comes from one version: `current` is read in the same MGET as the rows, which
-are named under the version the previous answer came from; when the pointer has moved, the
-rows are read again under the new version. So a publish or rollback is seen by the very next
-request and never mixed into an answer. Stored values are JSON already: they go into the
-answer as they are (orjson fragments), never parsed and re-encoded.
+Every answer comes from one version: `current` is read in the same pipeline as the rows,
+which are named under the version the previous answer came from; when the pointer has moved,
+the rows are read again under the new version. So a publish or rollback is seen by the very
+next request and never mixed into an answer. On a Redis Cluster the pipeline is split by
+node. A version's rows are decoded into the JSON prediction by its `Layout` (the one place
+that knows the Redis layout), with its constants read once per version.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,16 +44,14 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, Field
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from batchscore.config import Settings
-from batchscore.online.embedded_redis import ensure_server
+from batchscore.online.connection import cluster_mode, connect_async
+from batchscore.online.layout import FIELDS, Layout, plan_reads
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
 from batchscore.service.docs import mount_docs
@@ -63,8 +61,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 10_000  # keys or rows per request
 MAX_BODY_BYTES = 16 * 1024 * 1024  # 10,000 rows of ~30 features take ~6 MB of JSON
 MAX_KEY_CHARS = 256
-REDIS_TIMEOUT_SECONDS = 1.0  # connect and read: a stuck Redis gives a 503, not a hung client
-MGET_SLICE = 1_000  # keys per MGET: Redis is never held for a whole large request
+MGET_SLICE = 1_000  # rows per read command: Redis is never held for a whole large request
 _INLINE_ROWS = 500  # lookups up to this many rows are keyed on the event loop (~0.5 ms)
 _RETRIES = 3  # re-reads when the pointer moves mid-request (a publish or rollback)
 
@@ -81,7 +78,7 @@ class JSONAnswer(Response):
         return orjson.dumps(content)
 
 
-class ServiceError(Exception):
+class ApiError(Exception):
     """An answer other than 200: its status, a stable code and a message for people."""
 
     def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
@@ -94,19 +91,19 @@ class ServiceError(Exception):
         )
 
 
-class NoLiveVersion(ServiceError):
+class NoLiveVersion(ApiError):
     def __init__(self) -> None:
         super().__init__(503, "no_live_version", "no prediction set is published yet")
 
 
-class NoKeyScheme(ServiceError):
+class NoKeyScheme(ApiError):
     def __init__(self, version: str) -> None:
-        message = f"version {version} records no feature columns"
+        message = f"version {version} records no feature columns or row layout"
         super().__init__(503, "no_key_scheme", message)
 
 
-def _bad_row(index: int, column: str, problem: str) -> ServiceError:
-    return ServiceError(
+def _bad_row(index: int, column: str, problem: str) -> ApiError:
+    return ApiError(
         422, "invalid_row", f"rows[{index}], column {column!r}: {problem}", row=index, column=column
     )
 
@@ -114,50 +111,21 @@ def _bad_row(index: int, column: str, problem: str) -> ServiceError:
 # ------------------------------------------------------------------ reading Redis
 
 
-def service_clients(settings: Settings) -> tuple[redis.Redis, aredis.Redis]:
-    """Sync (status, metrics) and asyncio (predictions) clients with bounded waits: one
-    quick retry for a dropped pooled connection, then an error (a 503), instead of the
-    batch client's long backoff."""
-    options: dict[str, Any] = {
-        "socket_timeout": REDIS_TIMEOUT_SECONDS,
-        "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
-    }
-    sync_retry, async_retry = Retry(NoBackoff(), 1), AsyncRetry(NoBackoff(), 1)
-    if settings.redis_url:
-        return (
-            redis.Redis.from_url(settings.redis_url, retry=sync_retry, **options),
-            aredis.Redis.from_url(settings.redis_url, retry=async_retry, **options),
-        )
-    socket = str(ensure_server(settings.embedded_redis_path))
-    return (
-        redis.Redis(unix_socket_path=socket, retry=sync_retry, **options),
-        aredis.Redis(unix_socket_path=socket, retry=async_retry, **options),
-    )
-
-
-@dataclass(frozen=True)
-class KeyScheme:
-    """How a version keys its rows: the feature hash over `feature_columns`, or an id column."""
-
-    feature_columns: list[str]
-    id_column: str | None
-
-
 class Reader:
     """One-version reads of the online store, on the event loop (asyncio Redis client).
 
-    Names come from `OnlineStore` (`pointer`, `key()`, `manifest()`), so the layout is
-    defined once. A read is one MGET of the pointer and the rows under the version the
-    last answer came from: MGET is atomic, so when the pointer still names that version,
-    every row is from it. Otherwise the rows are read again under the new version.
+    Names and the rows' layout come from `OnlineStore` and `Layout`, so the layout is
+    defined once. A read is one pipeline: the pointer, then the rows under the version
+    the last answer came from (every row is from that version: its names say so). When
+    the pointer names another version, the rows are read again under it.
     """
 
-    def __init__(self, store: OnlineStore, client: aredis.Redis, settings: Settings) -> None:
+    def __init__(self, store: OnlineStore, client: aredis.Redis) -> None:
         self.store = store
         self.client = client
-        self.settings = settings
+        self.cluster = cluster_mode(client)
         self._seen: str | None = None  # the version the last answer came from
-        self._schemes: dict[str, KeyScheme] = {}  # versions never change once published
+        self._layouts: dict[str, Layout] = {}  # versions never change once published
 
     async def live_version(self) -> str:
         version = await self.client.get(self.store.pointer)
@@ -168,22 +136,23 @@ class Reader:
         return self._seen
 
     async def read(
-        self, keys_for: Callable[[str], Awaitable[Sequence[str]]]
+        self, keys_for: Callable[[Layout], Awaitable[Sequence[str]]]
     ) -> tuple[str, Sequence[str], list[bytes | None]]:
-        """(version, keys, raw values) all from one version; `keys_for(version)` gives the
-        keys, since a version's key scheme decides them."""
+        """(version, keys, JSON predictions) all from one version; `keys_for(layout)`
+        gives the keys, since a version's key scheme decides them."""
         version = self._seen or await self.live_version()
         for _ in range(_RETRIES):
             try:
-                keys = await keys_for(version)
+                layout = await self.layout(version)
+                keys = await keys_for(layout)
             except NoKeyScheme:  # the version seen last may be retired by now
                 if await self.live_version() == version:
                     raise
                 version = self._seen
                 continue
-            live, values = await self._fetch(version, keys)
+            live, values = await self._fetch(layout, keys)
             if live == version and len(keys) > MGET_SLICE and None in values:
-                # Slices are separate commands: a miss could be a version retired between
+                # The commands run one by one: a miss could be a version retired between
                 # them, right after a switch. Confirm the pointer did not move.
                 live = await self.live_version()
             if live is None:
@@ -191,45 +160,35 @@ class Reader:
                 raise NoLiveVersion()
             self._seen = live
             if live == version:
-                return version, keys, values
+                return version, keys, [layout.json(v) if v is not None else None for v in values]
             version = live
-        raise ServiceError(503, "version_changing", "the live version kept changing; retry")
+        raise ApiError(503, "version_changing", "the live version kept changing; retry")
 
     async def _fetch(
-        self, version: str, keys: Sequence[str]
+        self, layout: Layout, keys: Sequence[str]
     ) -> tuple[str | None, list[bytes | None]]:
-        """The pointer and the rows under `version` in one round trip: the pointer rides in
-        the first MGET slice; further slices are pipelined, each its own short command."""
-        names = [self.store.key(version, k) for k in keys]
-        if len(names) <= MGET_SLICE:
-            pointer, *values = await self.client.mget([self.store.pointer, *names])
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.mget([self.store.pointer, *names[:MGET_SLICE]])
-            for first in range(MGET_SLICE, len(names), MGET_SLICE):
-                pipe.mget(names[first : first + MGET_SLICE])
-            (pointer, *values), *rest = await pipe.execute()
-            values += [value for part in rest for value in part]
-        return (pointer.decode() if pointer is not None else None), values
+        """The pointer and the rows in one pipeline (one round trip per node)."""
+        reads = plan_reads(layout, keys, MGET_SLICE, scripted=not self.cluster)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.store.pointer)
+        for command in reads.commands:
+            pipe.execute_command(*command)
+        pointer, *replies = await pipe.execute()
+        return (pointer.decode() if pointer is not None else None), reads.values(replies)
 
-    async def scheme(self, version: str) -> KeyScheme:
-        """The version's key scheme, from its manifest (cached: a version never changes)."""
-        scheme = self._schemes.get(version)
-        if scheme is None:
-            columns, kind, id_column = await self.client.hmget(
-                self.store.manifest(version), ["feature_columns", "key_scheme", "id_column"]
-            )
-            if columns is None:
+    async def layout(self, version: str) -> Layout:
+        """The version's layout and constants (cached once complete: a version never
+        changes); `NoKeyScheme` when its manifest is gone or records no feature columns."""
+        layout = self._layouts.get(version)
+        if layout is None:
+            values = await self.client.hmget(self.store.manifest(version), list(FIELDS))
+            layout = self.store.layout_of(version, values)
+            if layout is None or (layout.compact and not layout.models):
                 raise NoKeyScheme(version)
-            if kind is not None:  # recorded by the version: "id" (with its column) or a hash
-                id_column = id_column.decode() if kind == b"id" and id_column else None
-            else:  # versions written before the manifest recorded it: the settings say
-                id_column = self.settings.id_column
-            scheme = KeyScheme(json.loads(columns), id_column)
-            if len(self._schemes) > 64:  # versions come and go: keep the cache small
-                self._schemes.clear()
-            self._schemes[version] = scheme
-        return scheme
+            if len(self._layouts) > 64:  # versions come and go: keep the cache small
+                self._layouts.clear()
+            self._layouts[version] = layout
+        return layout
 
 
 # ------------------------------------------------------------------ request bodies
@@ -252,11 +211,11 @@ async def _json_body(request: Request) -> Any:
             return json.loads(body)
         except (ValueError, RecursionError):
             message = f"the body is not valid JSON: {exc}"
-            raise ServiceError(400, "malformed_json", message) from None
+            raise ApiError(400, "malformed_json", message) from None
 
 
-def _too_large() -> ServiceError:
-    return ServiceError(
+def _too_large() -> ApiError:
+    return ApiError(
         413, "body_too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes"
     )
 
@@ -264,12 +223,12 @@ def _too_large() -> ServiceError:
 def _items(body: Any, field: str) -> list[Any]:
     if not isinstance(body, dict) or not isinstance(body.get(field), list):
         shape = f'{{"{field}": [...]}}'
-        raise ServiceError(422, "invalid_body", f"the body must be a JSON object {shape}")
+        raise ApiError(422, "invalid_body", f"the body must be a JSON object {shape}")
     items = body[field]
     if not items:
-        raise ServiceError(422, "invalid_body", f"{field!r} is empty")
+        raise ApiError(422, "invalid_body", f"{field!r} is empty")
     if len(items) > MAX_BATCH:
-        raise ServiceError(
+        raise ApiError(
             422, "batch_too_large", f"at most {MAX_BATCH} {field} per request, got {len(items)}"
         )
     return items
@@ -277,7 +236,7 @@ def _items(body: Any, field: str) -> list[Any]:
 
 def _check_key(key: Any, where: str) -> str:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
-        raise ServiceError(
+        raise ApiError(
             422, "invalid_key", f"{where}: a row key is text of 1 to {MAX_KEY_CHARS} characters"
         )
     return key
@@ -290,7 +249,7 @@ def _feature_keys(rows: list[Any], columns: list[str]) -> list[str]:
     matrix = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ServiceError(
+            raise ApiError(
                 422, "invalid_row", f"rows[{index}] is not an object", row=index, column=None
             )
         try:
@@ -327,7 +286,7 @@ def _id_keys(rows: list[Any], column: str) -> list[str]:
     keys = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ServiceError(
+            raise ApiError(
                 422, "invalid_row", f"rows[{index}] is not an object", row=index, column=None
             )
         if column not in row:
@@ -377,11 +336,7 @@ class LiveVersionCollector:
         )
         try:
             version = self.store.current()
-            published = (
-                self.store.client.hget(self.store.manifest(version), "published_at")
-                if version
-                else None
-            )
+            published = self.store.manifest_field(version, "published_at")
         except RedisError:
             up.add_metric([], 0)
             yield up
@@ -472,7 +427,7 @@ class InternalErrorMiddleware:
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if started:  # too late for a clean answer: let the server close the connection
                 raise
-            await ServiceError(500, "internal", "internal error").response()(scope, receive, send)
+            await ApiError(500, "internal", "internal error").response()(scope, receive, send)
 
 
 # ------------------------------------------------------------------ the app
@@ -522,11 +477,11 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorAnswer} for status in statuses}
 
 
-def _unavailable(exc: RedisError) -> ServiceError:
+def _unavailable(exc: RedisError) -> ApiError:
     reason = "timed out" if isinstance(exc, redis.TimeoutError) else "unreachable"
     if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         reason = f"error ({type(exc).__name__})"
-    return ServiceError(503, "redis_unavailable", f"Redis {reason}")
+    return ApiError(503, "redis_unavailable", f"Redis {reason}")
 
 
 async def _constant(keys: Sequence[str]) -> Sequence[str]:
@@ -534,6 +489,7 @@ async def _constant(keys: Sequence[str]) -> Sequence[str]:
 
 
 def _fragment(value: bytes | None) -> orjson.Fragment | None:
+    """A prediction's JSON text, embedded in the answer as it is."""
     return orjson.Fragment(value) if value is not None else None
 
 
@@ -551,9 +507,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client, async_client = await run_in_threadpool(service_clients, settings)
-        store = OnlineStore(client, settings.redis_prefix)
-        app.state.reader = Reader(store, async_client, settings)
+        store = await run_in_threadpool(OnlineStore.from_settings, settings, "service")
+        async_client = connect_async(settings, "service")
+        app.state.reader = Reader(store, async_client)
         app.state.metrics = metrics_registry(store)
         # Everything loaded so far (FastAPI, pandas, pyarrow: ~100k objects) lives as long as
         # the process: out of the collector's sight, a full collection takes ~3 ms, not 200.
@@ -561,7 +517,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         yield
         await async_client.aclose()
-        client.close()
+        store.close()
 
     app = FastAPI(
         title="batchscore predictions",
@@ -576,8 +532,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(MetricsMiddleware)  # the outermost: it sees the 500s too
 
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> Response:
+    @app.exception_handler(ApiError)
+    async def service_error(_: Request, exc: ApiError) -> Response:
         return exc.response()
 
     @app.exception_handler(RedisError)
@@ -598,7 +554,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def invalid(_: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return ServiceError(422, "invalid_request", f"{where}: {first.get('msg')}").response()
+        return ApiError(422, "invalid_request", f"{where}: {first.get('msg')}").response()
 
     def reader(request: Request) -> Reader:
         return request.app.state.reader
@@ -614,7 +570,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version, _, values = await reader(request).read(lambda _: _constant([row_key]))
         _count(values)
         if values[0] is None:
-            raise ServiceError(
+            raise ApiError(
                 404,
                 "not_found",
                 f"no prediction for key {row_key!r} in version {version}",
@@ -650,14 +606,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rows = _items(await _json_body(request), "rows")
         online = reader(request)
 
-        async def keys_for(version: str) -> list[str]:
-            scheme = await online.scheme(version)
-            if scheme.id_column:
-                return _id_keys(rows, scheme.id_column)
+        async def keys_for(layout: Layout) -> list[str]:
+            if layout.id_column:
+                return _id_keys(rows, layout.id_column)
+            if not layout.feature_columns:
+                raise NoKeyScheme(layout.rows)
             if len(rows) <= _INLINE_ROWS:
-                return _feature_keys(rows, scheme.feature_columns)
+                return _feature_keys(rows, layout.feature_columns)
             # Thousands of rows: hash them off the event loop, other requests go on.
-            return await run_in_threadpool(_feature_keys, rows, scheme.feature_columns)
+            return await run_in_threadpool(_feature_keys, rows, layout.feature_columns)
 
         version, keys, values = await online.read(keys_for)
         _count(values)
