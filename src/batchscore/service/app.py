@@ -55,7 +55,7 @@ from starlette.responses import Response
 from batchscore.config import Settings
 from batchscore.online.embedded_redis import ensure_server
 from batchscore.online.store import OnlineStore
-from batchscore.rows.keys import row_keys
+from batchscore.rows.keys import BAD_ID_REASON, is_usable_id, row_keys
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +275,14 @@ def _items(body: Any, field: str) -> list[Any]:
 
 
 def _check_key(key: Any, where: str) -> str:
+    """A requested key: text of bounded length that obeys the id rule (a feature-hash key,
+    64 hex digits, always does), so no key the batch can publish is refused here."""
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
         raise ServiceError(
             422, "invalid_key", f"{where}: a row key is text of 1 to {MAX_KEY_CHARS} characters"
         )
+    if not is_usable_id(key):
+        raise ServiceError(422, "invalid_key", f"{where}: {key!r}: {BAD_ID_REASON}")
     return key
 
 
@@ -322,7 +326,8 @@ def _as_float(value: float | int) -> float:
 
 
 def _id_keys(rows: list[Any], column: str) -> list[str]:
-    """Ids as keys, under the batch flow's rules (text, no whitespace, ':' or globs)."""
+    """Ids as keys, by the batch flow's id rule (`rows.keys`): an id the batch published is
+    reachable here. JSON integers are ids as text; other non-text values are refused."""
     keys = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -334,9 +339,8 @@ def _id_keys(rows: list[Any], column: str) -> list[str]:
         value = row[column]
         if type(value) is int:
             value = str(value)
-        if not isinstance(value, str) or not value or any(c in value for c in " \t\n\r:*?[]\\"):
-            problem = f"{value!r} is not a usable id (text without spaces, ':' or globs)"
-            raise _bad_row(index, column, problem)
+        if not isinstance(value, str) or not is_usable_id(value):
+            raise _bad_row(index, column, f"{value!r} is not a usable id: {BAD_ID_REASON}")
         keys.append(value)
     return keys
 
