@@ -3,12 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-# Metaflow needs a user name and refuses `root` (containers and CI run as root).
-ifeq ($(filter-out root,$(METAFLOW_USER)),)
-METAFLOW_USER := $(if $(filter-out root,$(shell id -un)),$(shell id -un),batchscore)
-endif
-export METAFLOW_USER
-
 # batchscore reads .env itself; Metaflow and boto3 read only the environment, so every
 # command runs with .env exported when there is one (no .env: embedded defaults).
 WITH_ENV := set -a; [ ! -f .env ] || . ./.env; set +a;

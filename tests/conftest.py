@@ -7,7 +7,6 @@ Metaflow's datastore and BATCHSCORE_HOME always live in temporary folders.
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import socket
@@ -22,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="batchscore-tests-"))
 
 # Metaflow reads its configuration when first imported: set it before any test imports it.
-if os.environ.get("METAFLOW_USER", getpass.getuser()) in ("", "root"):
-    os.environ["METAFLOW_USER"] = "batchscore-ci"
+# The user name by the flows' own rule (a usable METAFLOW_USER, else the login name, else
+# `batchscore`): imported here as the flows import it, before Metaflow.
+import batchscore.orchestration.metaflow_user  # noqa: E402, F401
+
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(_SESSION_TMP / "metaflow-local")
 os.environ.setdefault("METAFLOW_DEFAULT_METADATA", "local")
 # A developer's .env must not leak into the tests: every variable is set explicitly.
@@ -49,6 +50,19 @@ TEST_DATABASE_URL = os.environ.get(
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
+
+
+# A test that reaches a real service carries the `services` marker whichever way it gets
+# there (these fixtures, directly or through another fixture), so `-m "not services"`
+# leaves exactly those out. `flows` is written on each test that runs a flow
+# (tests/test_layout.py checks that none lacks it).
+_SERVICE_FIXTURES = frozenset({"postgres_server_url", "redis_server_url", "s3_endpoint"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 def pytest_sessionfinish(session, exitstatus):
