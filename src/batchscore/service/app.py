@@ -2,7 +2,7 @@
 
     python -m batchscore serve [--host 127.0.0.1] [--port 8000] [--workers N]
 
-Routes (the HTTP contract in ARCHITECTURE.md):
+Routes (the HTTP contract in docs/architecture.md):
     GET  /v1/predictions/{row_key}    one prediction; 404 when the key is absent
     POST /v1/predictions:batchGet     {"keys": [...]}: predictions in request order, null for misses
     POST /v1/predictions:lookup       {"rows": [{feature: value}, ...]}: keys computed here
