@@ -7,7 +7,7 @@ PYTHON ?= python3
 # command runs with .env exported when there is one (no .env: embedded defaults).
 WITH_ENV := set -a; [ ! -f .env ] || . ./.env; set +a;
 
-.PHONY: install run train score lookup status test lint clean stop-embedded
+.PHONY: install run train score lookup status test test-fast test-all lint clean stop-embedded
 
 # Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (containers, CI)
 # every Metaflow task would otherwise compile the project again (~0.2 s a process).
@@ -34,7 +34,16 @@ status: install
 lookup: status
 	$(WITH_ENV) $(PY) -m batchscore lookup --sample 5
 
+# The loop while you work: no flow, no service, nothing slow (well under a minute).
+test-fast: install
+	$(PY) -m pytest -m "not flows and not services and not slow"
+
+# Everything but the fresh-virtualenv install: every flow, every service.
 test: install
+	$(PY) -m pytest -m "not slow"
+
+# What CI runs (.ci/run): all of it, the plain-pip install from a fresh clone too.
+test-all: install
 	$(PY) -m pytest
 
 lint: install
