@@ -223,3 +223,43 @@ def test_the_marker_check_catches_an_unmarked_flow_test(tmp_path):
         "def test_no_flow():\n    assert True\n"
     )
     assert flow_tests_without_the_marker(sample) == ["test_sample.py::test_unmarked"]
+
+
+# ------------------------------------------------------------------ the documentation
+
+DOCS = ROOT / "docs" / "architecture.md"
+
+
+def _flow_names(flow: Path) -> tuple[set[str], set[str]]:
+    """A flow file's step names and Parameter names."""
+    steps, parameters = set(), set()
+    for node in ast.walk(ast.parse(flow.read_text())):
+        if isinstance(node, ast.FunctionDef) and any(
+            isinstance(d, ast.Name) and d.id == "step" for d in node.decorator_list
+        ):
+            steps.add(node.name)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "Parameter"
+        ):
+            parameters.add(node.args[0].value)
+    return steps, parameters
+
+
+def test_architecture_doc_names_every_step_and_parameter_of_both_flows():
+    text = DOCS.read_text()
+    for flow in sorted((ROOT / "metaflow").glob("*.py")):
+        steps, parameters = _flow_names(flow)
+        assert steps and parameters, flow
+        for name in steps | parameters:
+            assert f"`{name}`" in text or f" {name} " in text or f"{name} →" in text, (flow, name)
+
+
+def test_readme_links_the_architecture_doc_and_nothing_cites_the_old_name():
+    assert "(docs/architecture.md)" in (ROOT / "README.md").read_text()
+    old = "ARCHITECTURE" + ".md"  # the brief's file, not in this repository
+    files = [ROOT / "README.md"]
+    for folder in ("src", "tests", "metaflow", "benchmarks"):
+        files += (ROOT / folder).rglob("*.py")
+    assert [str(f) for f in files if old in f.read_text()] == []
