@@ -38,13 +38,15 @@ lookup: status
 test-fast: install
 	$(PY) -m pytest -m "not flows and not services and not slow"
 
-# Everything but the fresh-virtualenv install: every flow, every service.
+# Everything but the fresh-virtualenv install: every flow, every service, one pytest worker
+# per core (tests sharing the session's training run on one worker: --dist loadgroup).
+XDIST := -n auto --dist loadgroup
 test: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 # What CI runs (.ci/run): all of it, the plain-pip install from a fresh clone too.
 test-all: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 lint: install
 	$(PY) -m ruff check src tests metaflow benchmarks
