@@ -3,17 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-# Metaflow needs a user name and refuses `root` (containers and CI run as root).
-ifeq ($(filter-out root,$(METAFLOW_USER)),)
-METAFLOW_USER := $(if $(filter-out root,$(shell id -un)),$(shell id -un),batchscore)
-endif
-export METAFLOW_USER
-
 # batchscore reads .env itself; Metaflow and boto3 read only the environment, so every
 # command runs with .env exported when there is one (no .env: embedded defaults).
 WITH_ENV := set -a; [ ! -f .env ] || . ./.env; set +a;
 
-.PHONY: install run train score lookup status test lint clean stop-embedded
+.PHONY: install run train score lookup status test test-fast lint clean stop-embedded
 
 # Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (containers, CI)
 # every Metaflow task would otherwise compile the project again (~0.2 s a process).
@@ -40,8 +34,14 @@ status: install
 lookup: status
 	$(WITH_ENV) $(PY) -m batchscore lookup --sample 5
 
+# The loop while you work: no flow, no service, nothing slow (well under a minute).
+test-fast: install
+	$(PY) -m pytest -m "not flows and not services and not slow"
+
+# All of it (what CI runs, .ci/run): every flow, every service, the fresh-virtualenv installs;
+# one pytest worker per core (tests sharing the session's training run on one worker).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup
 
 lint: install
 	$(PY) -m ruff check src tests metaflow benchmarks

@@ -7,7 +7,6 @@ Metaflow's datastore and BATCHSCORE_HOME always live in temporary folders.
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import socket
@@ -22,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="batchscore-tests-"))
 
 # Metaflow reads its configuration when first imported: set it before any test imports it.
-if os.environ.get("METAFLOW_USER", getpass.getuser()) in ("", "root"):
-    os.environ["METAFLOW_USER"] = "batchscore-ci"
+# The user name by the flows' own rule (a usable METAFLOW_USER, else the login name, else
+# `batchscore`): imported here as the flows import it, before Metaflow.
+import batchscore.orchestration.metaflow_user  # noqa: E402, F401
+
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(_SESSION_TMP / "metaflow-local")
 os.environ.setdefault("METAFLOW_DEFAULT_METADATA", "local")
 # A developer's .env must not leak into the tests: every variable is set explicitly.
@@ -49,6 +50,24 @@ TEST_DATABASE_URL = os.environ.get(
 )
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
+
+
+# A test that reaches a real service carries the `services` marker whichever way it gets
+# there (these fixtures, directly or through another fixture), so `-m "not services"`
+# leaves exactly those out. `flows` is written on each test that runs a flow
+# (tests/test_layout.py checks that none lacks it).
+_SERVICE_FIXTURES = frozenset({"postgres_server_url", "redis_server_url", "s3_endpoint"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if _SERVICE_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.services)
+        if "service_training" in fixtures:
+            # Under pytest-xdist (`make test`: --dist loadgroup) the tests scoring with the
+            # session's one training run on one worker, so it is trained once there too.
+            item.add_marker(pytest.mark.xdist_group("service_training"))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -361,3 +380,131 @@ def topology_url(request, redis_prefix: str) -> Iterator[str]:
     for name in names:
         client.unlink(name)
     client.close()
+
+
+# ------------------------------------------------------------- flows, trained once
+
+
+def start_flow(flow_file: str, env: dict[str, str], cwd: Path, method: str = "run", **params):
+    """Run a flow through Metaflow's Runner to its end, successful or not:
+    (status, run, output). `env` is added to this process's environment."""
+    from metaflow import Runner
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    runner = Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd))
+    with getattr(runner, method)(**params) as running:
+        return running.status, running.run, running.stdout + running.stderr
+
+
+def make_project(folder: Path) -> Path:
+    """A project folder as a user has it: pyproject.toml on top, the notebook in notebooks/."""
+    (folder / "notebooks").mkdir(parents=True)
+    shutil.copy(ROOT / "pyproject.toml", folder)
+    shutil.copy(ROOT / "notebooks" / "predictions.ipynb", folder / "notebooks")
+    return folder
+
+
+def _create_buckets(s3_endpoint: str) -> dict[str, str]:
+    import boto3
+
+    suffix = uuid.uuid4().hex[:8]
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    batch, mf = f"batch-{suffix}", f"metaflow-{suffix}"
+    client.create_bucket(Bucket=batch)
+    client.create_bucket(Bucket=mf)
+    return {
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "BATCHSCORE_STORE_URL": f"s3://{batch}",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{mf}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3_endpoint,
+    }
+
+
+class ServiceTraining:
+    """One TrainModelsFlow run in service mode, shared by the tests that score with it.
+
+    It ran from a project folder whose `.env` held the services (the Compose path), with
+    Metaflow's own variables from the environment. Its database is a template: each test
+    gets a copy of its own (`trained_service_env`), so records a test adds stay its own.
+    """
+
+    def __init__(self, run, env: dict[str, str], database: str, project: Path) -> None:
+        self.run, self.env, self.database, self.project = run, env, database, project
+
+
+@pytest.fixture(scope="session")
+def service_training(
+    postgres_server_url: str, redis_server_url: str, s3_endpoint: str
+) -> Iterator[ServiceTraining]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"batchscore_trained_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    project = make_project(_SESSION_TMP / f"trained-{name}")
+    env = {
+        **_create_buckets(s3_endpoint),
+        "BATCHSCORE_HOME": str(project / ".batchscore"),
+        "BATCHSCORE_DATABASE_URL": make_url(postgres_server_url)
+        .set(database=name)
+        .render_as_string(hide_password=False),
+        "BATCHSCORE_REDIS_URL": redis_server_url,  # `start` checks it is reachable
+        "BATCHSCORE_REDIS_PREFIX": f"t{uuid.uuid4().hex[:12]}",
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+    }
+    in_dotenv = {k: v for k, v in env.items() if not k.startswith("METAFLOW_")}
+    (project / ".env").write_text("".join(f"{k}={v}\n" for k, v in in_dotenv.items()))
+    metaflow_env = {k: v for k, v in env.items() if k.startswith("METAFLOW_")}
+    status, run, output = start_flow("train_models.py", metaflow_env, project, cv_folds=2)
+    assert status == "successful", output
+    try:
+        yield ServiceTraining(run, env, name, project)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def trained_service_env(
+    service_training: ServiceTraining,
+    postgres_server_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    home: Path,
+) -> Iterator[dict[str, str]]:
+    """`service_env` with the shared training already recorded: a copy of its database
+    (PostgreSQL's CREATE DATABASE ... TEMPLATE), its store and Metaflow buckets, and this
+    test's own Redis prefix and home."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"batchscore_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{service_training.database}"'))
+    try:
+        yield {
+            **service_training.env,
+            "BATCHSCORE_HOME": str(home),
+            "BATCHSCORE_DATABASE_URL": make_url(postgres_server_url)
+            .set(database=name)
+            .render_as_string(hide_password=False),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        }
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

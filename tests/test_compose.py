@@ -32,7 +32,7 @@ RUNNER_DOCKERFILE = ROOT / "dockerfiles" / "runner.Dockerfile"
 DOCKERFILES = sorted((ROOT / "dockerfiles").rglob("*Dockerfile*"))
 
 
-# Every variable the library and the flows read (ARCHITECTURE.md, configuration contract).
+# Every variable the library and the flows read (docs/architecture.md, configuration contract).
 def _settings_variables() -> tuple[str, ...]:
     """Every variable batchscore.config.Settings reads, so a new setting cannot be forgotten."""
     from batchscore.config import Settings

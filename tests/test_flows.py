@@ -165,14 +165,19 @@ def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
 
 
 @pytest.mark.services
-def test_service_mode_end_to_end(service_env, project, settings_for, notebook_runner):
+def test_service_mode_end_to_end(
+    service_training, trained_service_env, project, settings_for, notebook_runner
+):
+    # The training ran once for the session (conftest's `service_training`), from a project
+    # whose .env held the services, as on the Compose path; this test has a copy of its
+    # database. The batch flow runs the same way: services from the project's .env,
+    # Metaflow's own variables from the environment (Metaflow never reads .env).
+    service_env = trained_service_env
     settings = settings_for(service_env)
-    # The services come from the project's .env, as on the Compose path; Metaflow's own
-    # variables from the environment (Metaflow never reads .env).
     in_dotenv = {k: v for k, v in service_env.items() if not k.startswith("METAFLOW_")}
     (project / ".env").write_text("".join(f"{k}={v}\n" for k, v in in_dotenv.items()))
     env = {k: v for k, v in service_env.items() if k.startswith("METAFLOW_")}
-    train = run_flow("train_models.py", env, project, cv_folds=3)
+    train = service_training.run
     check_training(train, settings)
     assert train.data.model_uris[train.data.champion].startswith(settings.resolved_store_url)
 

@@ -42,12 +42,14 @@ def card_text(run, step: str) -> str:
 
 
 def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
-    service_env, tmp_path, settings_for, monkeypatch
+    service_training, trained_service_env, tmp_path, settings_for, monkeypatch
 ):
+    # Scored with the session's one service-mode training (conftest), on a copy of its
+    # database: this test's batch runs and promotions stay its own.
+    service_env = trained_service_env
     settings = settings_for(service_env)
     work = tmp_path / "work"
-    status, train, output = start_flow("train_models.py", service_env, work, cv_folds=3)
-    assert status == "successful", output
+    train = service_training.run
     store = ObjectStore.from_settings(settings)
     rows = pd.read_csv(io.BytesIO(store.get_bytes(train.data.data.batch_input_uri)))
     status, first, output = start_flow("batch_processing.py", service_env, work)

@@ -20,6 +20,40 @@ def test_machine_cores_is_the_affinity_mask(local):
     assert sizing.machine_cores() >= 1
 
 
+def test_machine_cores_counts_what_joblib_counts(local):
+    """The maintained library's count (affinity, cgroup quota), without its import cost."""
+    import joblib
+
+    assert sizing.machine_cores() == joblib.cpu_count()
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up, as joblib does
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "400000 100000\n"}, 4),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
+        ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_a_containers_cpu_limit_is_read_from_cgroup_v2_or_v1(tmp_path, files, limit):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert sizing.cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_a_cpu_limit_below_the_affinity_mask_wins(local, monkeypatch):
+    monkeypatch.setattr(sizing, "cgroup_cpu_limit", lambda: 1)
+    assert sizing.machine_cores() == 1
+    monkeypatch.setattr(sizing, "cgroup_cpu_limit", lambda: 10_000)
+    assert sizing.machine_cores() == len(os.sched_getaffinity(0))
+
+
 def test_one_shard_per_core_when_the_rows_fit(local):
     assert sizing.default_shard_rows(1_000_000, 30, cores=2) == 500_000
     assert sizing.default_shard_rows(569, 30, cores=2) == 285

@@ -3,8 +3,9 @@
 Metaflow records a user on every run, reads `METAFLOW_USER` when it is first imported, and
 refuses to run without a name or as `root`, the user of containers and CI. So that
 `python metaflow/<flow>.py run` works anywhere, as root too: an unset or `root`
-METAFLOW_USER becomes the login name, or `batchscore` when that is root or unknown
-(the Makefile and `.ci/run` apply the same rule). A usable METAFLOW_USER is kept.
+METAFLOW_USER becomes the login name, or `batchscore` when that is root or unknown.
+A usable METAFLOW_USER is kept. This is the rule's one home: the flows and the tests'
+conftest import this module before Metaflow; the Makefile and `.ci/run` set nothing.
 """
 
 from __future__ import annotations

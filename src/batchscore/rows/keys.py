@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -91,24 +92,33 @@ def row_key(values: Sequence[float]) -> str:
     return row_keys(np.asarray([values], dtype="float64"))[0]
 
 
-# What an id may not hold, as it is a part of a Redis key (and of a SCAN pattern):
-# whitespace (exactly Python's `\s`, spelled for Arrow's RE2), ':' or a glob character.
+# The id rule, in one place: an id is a part of a Redis key (and of a SCAN pattern), so it
+# may not be empty nor hold whitespace (exactly Python's `\s`), ':' or a glob character.
+# Spelled twice, side by side: for Arrow's RE2 (whole columns, the batch) and for Python's
+# `re` (one id at a time, the HTTP service); tests/test_keys.py checks that they agree on
+# every code point.
 _BAD_ID = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}:*?\[\]]"
+_BAD_ID_CHAR = re.compile(r"[\s:*?\[\]]")
 BAD_ID_REASON = "id is empty or holds whitespace, ':' or a glob character"
 
 
 def bad_ids(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Per row, True where the id cannot be a key part: missing, empty or holding
-    whitespace, ':' or a glob character. The one id rule: `id_keys` and quarantine."""
+    """Per row, True where the id cannot be a key part (missing, or breaking the id rule).
+    Used by `id_keys` and by quarantine."""
     text = pc.cast(ids, pa.string())
     bad = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.match_substring_regex(text, _BAD_ID))
     return np.asarray(pc.fill_null(bad, True))
 
 
+def is_usable_id(text: str) -> bool:
+    """The id rule for one id already in hand (a request's key): what `bad_ids` accepts."""
+    return bool(text) and _BAD_ID_CHAR.search(text) is None
+
+
 def id_keys(
     ids: pd.Series, source: str = "input", column: str = "id", first_row: int = 1
 ) -> list[str]:
-    """Keys from an id column: its values as text, each present and free of ':' and spaces."""
+    """Keys from an id column: its values as text, each obeying the id rule."""
     from batchscore.rows.errors import InputError
 
     text = ids.astype("string")
@@ -116,7 +126,7 @@ def id_keys(
     if bad.any():
         at = int(np.flatnonzero(bad)[0])
         raise InputError(
-            f"{source}: column {column!r}, row {first_row + at}: id {ids.iloc[at]!r} is empty "
-            "or holds whitespace, ':' or a glob character, so it cannot be a Redis key part"
+            f"{source}: column {column!r}, row {first_row + at}: {ids.iloc[at]!r}: "
+            f"{BAD_ID_REASON}, so it cannot be a Redis key part"
         )
     return text.tolist()

@@ -2,7 +2,7 @@
 
     python -m batchscore serve [--host 127.0.0.1] [--port 8000] [--workers N]
 
-Routes (the HTTP contract in ARCHITECTURE.md):
+Routes (the HTTP contract in docs/architecture.md):
     GET  /v1/predictions/{row_key}    one prediction; 404 when the key is absent
     POST /v1/predictions:batchGet     {"keys": [...]}: predictions in request order, null for misses
     POST /v1/predictions:lookup       {"rows": [{feature: value}, ...]}: keys computed here
@@ -53,7 +53,7 @@ from batchscore.config import Settings
 from batchscore.online.connection import cluster_mode, connect_async
 from batchscore.online.layout import FIELDS, Layout, plan_reads
 from batchscore.online.store import OnlineStore
-from batchscore.rows.keys import row_keys
+from batchscore.rows.keys import BAD_ID_REASON, is_usable_id, row_keys
 from batchscore.service.docs import mount_docs
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,14 @@ def _items(body: Any, field: str) -> list[Any]:
 
 
 def _check_key(key: Any, where: str) -> str:
+    """A requested key: text of bounded length that obeys the id rule (a feature-hash key,
+    64 hex digits, always does), so no key the batch can publish is refused here."""
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
         raise ApiError(
             422, "invalid_key", f"{where}: a row key is text of 1 to {MAX_KEY_CHARS} characters"
         )
+    if not is_usable_id(key):
+        raise ApiError(422, "invalid_key", f"{where}: {key!r}: {BAD_ID_REASON}")
     return key
 
 
@@ -282,7 +286,8 @@ def _as_float(value: float | int) -> float:
 
 
 def _id_keys(rows: list[Any], column: str) -> list[str]:
-    """Ids as keys, under the batch flow's rules (text, no whitespace, ':' or globs)."""
+    """Ids as keys, by the batch flow's id rule (`rows.keys`): an id the batch published is
+    reachable here. JSON integers are ids as text; other non-text values are refused."""
     keys = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -294,9 +299,8 @@ def _id_keys(rows: list[Any], column: str) -> list[str]:
         value = row[column]
         if type(value) is int:
             value = str(value)
-        if not isinstance(value, str) or not value or any(c in value for c in " \t\n\r:*?[]\\"):
-            problem = f"{value!r} is not a usable id (text without spaces, ':' or globs)"
-            raise _bad_row(index, column, problem)
+        if not isinstance(value, str) or not is_usable_id(value):
+            raise _bad_row(index, column, f"{value!r} is not a usable id: {BAD_ID_REASON}")
         keys.append(value)
     return keys
 
