@@ -39,7 +39,7 @@ def _published(value: str) -> bool:
 
 def _served(value: str) -> bool:
     """What the HTTP service does with it, as a lookup id and as a requested key."""
-    from batchscore.service.app import ServiceError, _check_key, _id_keys
+    from batchscore.service.app import ApiError, _check_key, _id_keys
 
     answers = []
     lookup = lambda: _id_keys([{"customer": value}], "customer")  # noqa: E731
@@ -47,7 +47,7 @@ def _served(value: str) -> bool:
         try:
             call()
             answers.append(True)
-        except ServiceError:
+        except ApiError:
             answers.append(False)
     assert answers[0] == answers[1], value
     return answers[0]
