@@ -59,13 +59,22 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def start(self):
-        """Stop now if a service is unreachable; name the version (sortable by start time);
-        find the input and the recorded models."""
+        """Stop now on a parameter out of range or an unreachable service; name the version
+        (sortable by start time); find the input and the recorded models."""
         from batchscore.batch.bundle import default_input, find_models
+        from batchscore.batch.parameters import BatchParameters
         from batchscore.config import Settings
         from batchscore.orchestration.preflight import require_services
         from batchscore.versions import new_version
 
+        BatchParameters(
+            self.models,
+            self.shard_rows,
+            self.ttl_days,
+            self.bad_rows,
+            self.max_bad_rows,
+            self.max_drift,
+        ).check()
         settings = Settings()
         require_services(settings)
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"
