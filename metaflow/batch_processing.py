@@ -61,7 +61,7 @@ class BatchProcessingFlow(FlowSpec):
     def start(self):
         """Stop now on a parameter out of range or an unreachable service; name the version
         (sortable by start time); find the input and the recorded models."""
-        from batchscore.batch.bundle import default_input, find_models
+        from batchscore.batch.bundle import find_champion
         from batchscore.batch.parameters import BatchParameters
         from batchscore.config import Settings
         from batchscore.orchestration.preflight import require_services
@@ -79,8 +79,9 @@ class BatchProcessingFlow(FlowSpec):
         require_services(settings)
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"
         self.version = new_version(self.run_pathspec)
-        self.input_uri = self.input_path or default_input(settings)
-        self.records = find_models(self.models, settings)
+        champion = find_champion(self.models, settings)  # one read: input and models agree
+        self.input_uri = self.input_path or champion.batch_input_uri
+        self.records = champion.records
         self.model_name = self.records[0].model
         self.feature_columns = self.records[0].feature_columns
         self.next(self.load_data)

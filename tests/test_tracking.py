@@ -114,6 +114,61 @@ def test_model_records_come_from_the_latest_run_champion_first(tracker):
     assert tracker.champion_batch_input() == "file:///new.csv"
 
 
+def test_the_champion_and_its_input_are_one_read(tracker, tmp_path, settings_for, monkeypatch):
+    """A training run finishing while the batch flow's `start` reads must not pair one run's
+    test split with the next run's model (issue 19): what the flow reads comes from one run."""
+    from contextlib import contextmanager
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from batchscore.batch.bundle import find_champion
+
+    tracker.record_training("TrainModelsFlow/1", _run("file:///old.csv"), MODELS, "tree")
+    newer = {"xgboost": _model("xgboost", 0.99)}
+    read_runs, finished = [], []
+
+    def note_reads(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT") and "training_runs" in statement:
+            read_runs.append(True)
+
+    original = Tracker._transaction
+
+    @contextmanager
+    def then_a_training_run_finishes(self):
+        with original(self) as conn:
+            yield conn
+        if read_runs and not finished:  # right after the first read of the runs table
+            finished.append(True)
+            with Tracker(tracker.url) as trainer:
+                trainer.record_training(
+                    "TrainModelsFlow/2", _run("file:///new.csv"), newer, "xgboost"
+                )
+
+    event.listen(Engine, "before_cursor_execute", note_reads)
+    monkeypatch.setattr(Tracker, "_transaction", then_a_training_run_finishes)
+    try:
+        settings = settings_for(
+            {"BATCHSCORE_HOME": str(tmp_path), "BATCHSCORE_DATABASE_URL": tracker.url}
+        )
+        champion = find_champion("champion", settings)
+    finally:
+        event.remove(Engine, "before_cursor_execute", note_reads)
+    assert finished  # the other run did finish in between
+    assert (champion.training_run_id, champion.batch_input_uri) == (
+        "TrainModelsFlow/1",
+        "file:///old.csv",
+    )
+    assert [(r.training_run_id, r.model) for r in champion.records] == [
+        ("TrainModelsFlow/1", "tree")
+    ]
+    again = find_champion("all", settings)
+    assert again.batch_input_uri == "file:///new.csv"
+    assert [(r.training_run_id, r.model) for r in again.records] == [
+        ("TrainModelsFlow/2", "xgboost")
+    ]
+
+
 def test_model_records_rejects_unknown_selection(tracker):
     with pytest.raises(ValueError, match="champion"):
         tracker.model_records("best")
@@ -122,7 +177,7 @@ def test_model_records_rejects_unknown_selection(tracker):
 def test_empty_database_says_what_to_run(tracker):
     with pytest.raises(TrackingError, match="train_models.py"):
         tracker.model_records()
-    with pytest.raises(TrackingError, match="no training run"):
+    with pytest.raises(TrackingError, match="no training run recorded"):
         tracker.champion_batch_input()
     assert tracker.batch_run("BatchProcessingFlow/1") is None
 

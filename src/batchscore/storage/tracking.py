@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from batchscore.storage.model_record import ModelRecord
+from batchscore.storage.model_record import ChampionRun, ModelRecord
 
 metadata = MetaData()
 
@@ -142,8 +142,10 @@ class Tracker:
                 ],
             )
 
-    def model_records(self, which: str = "champion") -> list[ModelRecord]:
-        """The latest training run's champion (`champion`) or every model (`all`)."""
+    def latest_champion(self, which: str = "champion") -> ChampionRun:
+        """The latest training run's champion (`champion`) or every model (`all`), champion
+        first, with that run's test split: one read of the run's row, so the input and the
+        models always come from the same run."""
         if which not in ("champion", "all"):
             raise ValueError(f"models must be 'champion' or 'all', not {which!r}")
         with self._transaction() as conn:
@@ -155,13 +157,13 @@ class Tracker:
             ).first()
             if run is None:
                 raise TrackingError(
-                    "no trained model recorded: run `python metaflow/train_models.py run` first"
+                    "no training run recorded: run `python metaflow/train_models.py run` first"
                 )
             query = select(model_metrics).where(model_metrics.c.run_id == run.run_id)
             if which == "champion":
                 query = query.where(model_metrics.c.is_champion)
             rows = conn.execute(query.order_by(model_metrics.c.is_champion.desc())).all()
-        return [
+        records = [
             ModelRecord(
                 training_run_id=run.run_id,
                 model=row.model,
@@ -176,22 +178,18 @@ class Tracker:
             )
             for row in rows
         ]
+        return ChampionRun(run.run_id, run.batch_input_uri, records)
+
+    def model_records(self, which: str = "champion") -> list[ModelRecord]:
+        """The latest training run's champion (`champion`) or every model (`all`)."""
+        return self.latest_champion(which).records
 
     def champion_batch_input(self) -> str:
         """The test split of the run whose champion the batch flow loads: its default input.
 
         Each run's split is its own file, so this is the data that champion was tested on.
         """
-        with self._transaction() as conn:
-            uri = conn.execute(
-                select(training_runs.c.batch_input_uri)
-                .where(training_runs.c.champion.is_not(None))
-                .order_by(training_runs.c.created_at.desc(), training_runs.c.run_id.desc())
-                .limit(1)
-            ).scalar()
-        if uri is None:
-            raise TrackingError("no training run recorded, so no default batch input")
-        return uri
+        return self.latest_champion().batch_input_uri
 
     def metrics(self, run_id: str) -> dict[str, dict[str, Any]]:
         with self._transaction() as conn:
