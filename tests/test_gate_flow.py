@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
 from batchscore.cli import main as cli
 from batchscore.online.store import OnlineStore
 from batchscore.storage.object_store import ObjectStore
-from batchscore.storage.tracking import batch_runs
+from batchscore.storage.tracking import batch_runs, training_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.flows, pytest.mark.services]
@@ -111,4 +111,15 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     )
     assert status == "failed"
     assert "rows rejected" in output
+    assert online.current() == loose.data.version
+
+    # A champion trained before reference profiles existed: drift cannot be measured, but
+    # the bad-row limit holds all the same (issue 22, item 4).
+    with engine.begin() as conn:
+        conn.execute(update(training_runs).values(profile_uri=None, profile_sha256=None))
+    status, unprofiled, output = start_flow(
+        "batch_processing.py", service_env, work, max_bad_rows=0.005, **options
+    )
+    assert status == "failed"
+    assert "rows rejected" in output and "drift not measured" in output
     assert online.current() == loose.data.version

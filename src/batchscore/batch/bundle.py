@@ -135,7 +135,11 @@ def _fetch_profile(record: ModelRecord, settings: Settings) -> bytes | None:
     from batchscore.training.models import verify_sha256
 
     if not record.profile_uri:
-        log.warning("%s recorded no reference profile: drift is not checked", record.model)
+        log.warning(
+            "%s recorded no reference profile: drift is not measured (the bad-row limit "
+            "still applies)",
+            record.model,
+        )
         return None
     data = ObjectStore.read_uri(record.profile_uri, settings)
     verify_sha256(data, record.profile_sha256, record.profile_uri)

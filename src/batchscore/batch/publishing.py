@@ -27,7 +27,7 @@ class PublishResult:
     keys_written: int
     published: bool  # False: blocked by the gate, or a newer version was already current
     retired: list[str]
-    report: BatchReport | None = None  # None: the model recorded no reference profile
+    report: BatchReport | None = None
 
     @property
     def blocked(self) -> bool:
@@ -68,7 +68,7 @@ def publish(
     online = OnlineStore.from_settings(settings)
     rows = sum(r.rows_scored for r in results)
     keys = sum(r.keys_written for r in results)
-    report = _report(version, results, bundle, online, plan, limits)
+    report = judge(version, results, bundle, online, plan, limits)
     record = {
         "input_uri": input_uri,
         "training_run_id": bundle.training_run_id,
@@ -84,18 +84,15 @@ def publish(
     # What `promote` needs to publish this version later with the same checks, and the
     # gate's verdict (the next batch's report compares its scores with `score_counts`).
     fields: dict[str, object] = {"keys_expected": keys, "shards_expected": len(results)}
-    if report is not None:
-        record.update(report.summary())
-        fields.update(
-            gate=report.gate.summary,
-            max_drift=round(report.max_drift, 6),
-            score_counts=report.score_counts,
-        )
+    record.update(report.summary())
+    fields["gate"] = report.gate.summary
+    if report.drift_measured:
+        fields.update(max_drift=round(report.max_drift, 6), score_counts=report.score_counts)
     online.annotate(version, fields)
     with Tracker(settings.resolved_database_url) as tracker:
         # Recorded before the switch: a live version always has its lineage row.
         tracker.record_batch(run_id, record)
-        blocked = report is not None and not report.gate.passed
+        blocked = not report.gate.passed
         published = not blocked and online.publish(version, keys, len(results))
         if published:
             tracker.mark_published(run_id)
@@ -113,34 +110,38 @@ def publish(
     store = ObjectStore.from_settings(settings)
     for uri in scratch:
         store.delete(uri)
-    if report is not None:
-        report.seconds["publish"] = time.perf_counter() - started
+    report.seconds["publish"] = time.perf_counter() - started
     return PublishResult(rows, keys, published, retired, report)
 
 
-def _report(
+def judge(
     version: str,
     results: list[ShardResult],
     bundle: ModelBundle | ModelFiles,
     online: OnlineStore,
     plan: ShardPlan | None,
     limits: GateLimits,
-) -> BatchReport | None:
-    """The shards' counts merged and judged: drift against training, rejected rows."""
+) -> BatchReport:
+    """The shards' counts merged and judged: drift against training, rejected rows.
+
+    A champion without a reference profile (trained before profiles were recorded) gets no
+    drift measure, but its batch is held to the bad-row limit all the same.
+    """
     from batchscore.batch import gate
     from batchscore.batch.drift import BatchProfile
     from batchscore.batch.report import build_report
 
     reference = bundle.reference
-    if reference is None or any(r.profile is None for r in results):
-        return None
-    profile = BatchProfile.merge([BatchProfile.from_dict(r.profile) for r in results])
     rows_read = plan.rows_read if plan else sum(r.rows_scored for r in results)
     rejected = plan.rows_rejected if plan else 0
-    drift = profile.drift(reference)
-    noise = profile.noise(reference)
     live = online.current()
-    live_counts = online.client.hget(online.manifest(live), "score_counts") if live else None
+    profile, drift, noise, live_counts = None, None, {}, None
+    if reference is not None and all(r.profile is not None for r in results):
+        profile = BatchProfile.merge([BatchProfile.from_dict(r.profile) for r in results])
+        drift = profile.drift(reference)
+        noise = profile.noise(reference)
+        if live:
+            live_counts = online.client.hget(online.manifest(live), "score_counts")
     seconds: dict[str, float] = {}
     for result in results:
         for stage_name, value in result.seconds.items():
@@ -156,6 +157,7 @@ def _report(
         drift=drift,
         noise=max(noise.values(), default=0.0),
         rows_read=rows_read,
+        rows_scored=sum(r.rows_scored for r in results),
         duplicates=sum(r.duplicates for r in results),
         rows_rejected=rejected,
         gate=gate.check(
