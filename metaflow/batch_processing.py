@@ -178,6 +178,7 @@ class BatchProcessingFlow(FlowSpec):
         )
         self.rows_scored, self.keys_written = result.rows_scored, result.keys_written
         self.published = result.published
+        self.superseded_by = result.superseded_by  # a newer run went live meanwhile
         self.gate = result.report.gate.summary if result.report else "not checked"
         self.report = result.report.summary_lines() if result.report else {}
         if result.report:
@@ -187,8 +188,10 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def end(self):
-        """What was published, and where; a batch the gate blocked ends the run non-zero."""
+        """What was published, and where; a batch the gate blocked, or superseded by a newer
+        run while it wrote, ends the run non-zero."""
         from batchscore.batch.gate import GateBlocked
+        from batchscore.batch.publishing import SupersededRun
         from batchscore.orchestration.report import print_mapping
 
         print_mapping(
@@ -213,6 +216,8 @@ class BatchProcessingFlow(FlowSpec):
                 "card.html), then "
                 f"`python -m batchscore promote {self.version}` to publish it anyway"
             )
+        if self.superseded_by:
+            raise SupersededRun(self.version, self.superseded_by)
 
 
 if __name__ == "__main__":

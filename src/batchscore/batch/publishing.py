@@ -28,10 +28,38 @@ class PublishResult:
     published: bool  # False: blocked by the gate, or a newer version was already current
     retired: list[str]
     report: BatchReport | None = None
+    # Set when a newer version went live while this run wrote: that version and its run.
+    superseded_by: Superseded | None = None
 
     @property
     def blocked(self) -> bool:
         return self.report is not None and not self.report.gate.passed
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """The newer version that went live while this run wrote, and the run that made it."""
+
+    version: str
+    run_id: str | None  # None: its manifest is gone (retired since)
+
+    def __str__(self) -> str:
+        return f"{self.version} (run {self.run_id or 'unknown'})"
+
+
+class SupersededRun(RuntimeError):
+    """The run published nothing because a newer run went live while it wrote.
+
+    Not a fault to fix and not worth retrying; the flow's `end` step raises it so that the
+    run ends non-zero, its one line starting with `superseded:` (see the README).
+    """
+
+    def __init__(self, version: str, by: Superseded) -> None:
+        self.version, self.by = version, by
+        super().__init__(
+            f"superseded: {version} was not published because {by} went live while this "
+            "run wrote; nothing of it is left in Redis"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +125,7 @@ def publish(
         if published:
             tracker.mark_published(run_id)
     retired: list[str] = []
+    superseded = None
     if published:
         try:
             retired = online.retire(settings.keep_versions)
@@ -105,13 +134,16 @@ def publish(
     elif blocked:
         log.warning("%s stays staged: %s", version, report.gate.summary)
     else:
-        log.warning("%s was superseded by %s: discarded", version, online.current())
+        newer = online.current() or "?"
+        run = online.client.hget(online.manifest(newer), "run_id")
+        superseded = Superseded(newer, run.decode() if run else None)
+        log.warning("%s was superseded by %s: discarded", version, superseded)
         online.discard(version)
     store = ObjectStore.from_settings(settings)
     for uri in scratch:
         store.delete(uri)
     report.seconds["publish"] = time.perf_counter() - started
-    return PublishResult(rows, keys, published, retired, report)
+    return PublishResult(rows, keys, published, retired, report, superseded)
 
 
 def judge(
