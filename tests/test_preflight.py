@@ -175,3 +175,28 @@ def test_a_service_lost_mid_run_is_named_before_its_traceback(service_env, setti
         f"ingest_redis: BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): "
         "connection refused\n"
     )
+
+
+@pytest.mark.services
+def test_a_store_lost_mid_run_is_named_as_the_start_check_names_it(service_env, settings_for):
+    """One name for one endpoint: an S3 endpoint that stops answering mid-run is reported
+    under the variable `start` would name, the one a user must fix (issue 22, item 14)."""
+    from batchscore.orchestration.preflight import service_failure
+    from batchscore.storage.object_store import ObjectStore
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    settings = settings_for({**service_env, "AWS_ENDPOINT_URL_S3": endpoint})
+    with pytest.raises(ServiceError) as at_start:
+        check_services(settings)
+    with pytest.raises(Exception) as mid_run:
+        ObjectStore.from_settings(settings).get_bytes(f"{settings.resolved_store_url}/x.csv")
+    assert service_failure(mid_run.value, settings) == str(at_start.value)
+    assert str(at_start.value) == f"AWS_ENDPOINT_URL_S3 ({endpoint}): connection refused"
+
+    # The endpoint answers, but the bucket is gone: the store's own variable, both times.
+    gone = settings_for({**service_env, "BATCHSCORE_STORE_URL": "s3://no-such-bucket-here"})
+    with pytest.raises(Exception) as no_bucket:
+        ObjectStore.from_settings(gone).get_bytes("s3://no-such-bucket-here/x.csv")
+    assert service_failure(no_bucket.value, gone).startswith(
+        "BATCHSCORE_STORE_URL (s3://no-such-bucket-here): "
+    )

@@ -124,12 +124,19 @@ def check_store(settings: Settings) -> None:
             ) from None
         raise ServiceError("BATCHSCORE_STORE_URL", url, reason(exc)) from None
     except BotoCoreError as exc:
-        # The endpoint itself is unreachable: name the variable that points at it.
-        if settings.s3_endpoint_url:
-            raise ServiceError(
-                "AWS_ENDPOINT_URL_S3", settings.s3_endpoint_url, reason(exc)
-            ) from None
-        raise ServiceError("BATCHSCORE_STORE_URL", url, reason(exc)) from None
+        raise ServiceError(*store_setting(settings, exc), reason(exc)) from None
+
+
+def store_setting(settings: Settings, exc: BaseException) -> tuple[str, str]:
+    """The variable (and its URL) a user must fix when the object store fails with `exc`:
+    the S3 endpoint's when the endpoint itself is unreachable (no S3 answer at all), else
+    the store's. The start-of-run check and the mid-run hint both name it this way."""
+    from botocore.exceptions import ClientError
+
+    answered = any(isinstance(e, ClientError) for e in _chain(exc))
+    if settings.s3_endpoint_url and not answered:
+        return "AWS_ENDPOINT_URL_S3", settings.s3_endpoint_url
+    return "BATCHSCORE_STORE_URL", settings.resolved_store_url
 
 
 def check_database(url: str) -> None:
@@ -189,6 +196,8 @@ def service_failure(exc: BaseException, settings: Settings | None = None) -> str
         variable = next((v for prefix, v in _SERVICE_ERRORS if module.startswith(prefix)), None)
         if variable:
             settings = settings or Settings()
+            if variable == "BATCHSCORE_STORE_URL":
+                return _named(*store_setting(settings, error), error)
             url = {
                 "BATCHSCORE_REDIS_URL": settings.redis_url,
                 "BATCHSCORE_DATABASE_URL": settings.resolved_database_url,
