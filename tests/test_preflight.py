@@ -200,3 +200,58 @@ def test_a_store_lost_mid_run_is_named_as_the_start_check_names_it(service_env, 
     assert service_failure(no_bucket.value, gone).startswith(
         "BATCHSCORE_STORE_URL (s3://no-such-bucket-here): "
     )
+
+
+def _env_example_bounds() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    values = dotenv_values(ROOT / ".env.example", interpolate=False)
+    return {k: v for k, v in values.items() if k.startswith(("METAFLOW_S3_", "METAFLOW_DATAT"))}
+
+
+def test_metaflow_gives_up_on_a_lost_store_within_seconds(tmp_path):
+    """The write the issue found hanging (`S3.put`, as `Task.save_metadata` calls it, against
+    an endpoint that is gone): with `.env.example`'s bounds Metaflow gives up in seconds
+    and names the object; with its defaults it backs off for hours."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    bounds = _env_example_bounds()
+    assert set(bounds) >= {
+        "METAFLOW_S3_RETRY_COUNT",
+        "METAFLOW_S3_TRANSIENT_RETRY_COUNT",
+        "METAFLOW_S3_CLIENT_RETRY_CONFIG",
+        "METAFLOW_DATATOOLS_CLIENT_PARAMS",
+    }
+    for name in ("METAFLOW_S3_CLIENT_RETRY_CONFIG", "METAFLOW_DATATOOLS_CLIENT_PARAMS"):
+        json.loads(bounds[name])  # Metaflow reads them as JSON
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("METAFLOW_S3_")},
+        **bounds,
+        "METAFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    script = "from metaflow import S3\nS3(s3root='s3://metaflow/run').put('metadata', 'x')\n"
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("Metaflow still retries S3 after 100 s: the bounds are not in effect")
+    seconds = time.monotonic() - started
+    assert done.returncode != 0
+    assert "S3 operation failed" in done.stderr and "s3://metaflow/run/metadata" in done.stderr
+    assert endpoint in done.stderr, done.stderr[-2000:]  # the store it could not reach
+    print(f"gave up after {seconds:.0f} s")
