@@ -255,3 +255,29 @@ def test_metaflow_gives_up_on_a_lost_store_within_seconds(tmp_path):
     assert "S3 operation failed" in done.stderr and "s3://metaflow/run/metadata" in done.stderr
     assert endpoint in done.stderr, done.stderr[-2000:]  # the store it could not reach
     print(f"gave up after {seconds:.0f} s")
+
+
+def test_metaflows_datastore_lost_mid_run_is_named_after_the_endpoint(settings_for, tmp_path):
+    """Metaflow's own S3 error (a step loading an artifact once the store is gone) gets the
+    same one-line hint: the endpoint's variable, the one `start` names."""
+    from metaflow.metaflow_config import S3_ENDPOINT_URL
+    from metaflow.plugins.datatools.s3.s3 import MetaflowS3Exception
+
+    from batchscore.orchestration.preflight import service_failure
+
+    lost = MetaflowS3Exception(
+        "S3 operation failed.\nKey requested: s3://metaflow/metaflow/Flow/1/start/1/0.data\n"
+        f'Error: Could not connect to the endpoint URL: "{S3_ENDPOINT_URL}/metaflow"'
+    )
+    same = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path),
+            "BATCHSCORE_STORE_URL": "s3://batch",
+            "AWS_ENDPOINT_URL_S3": S3_ENDPOINT_URL,
+        }
+    )
+    assert service_failure(lost, same) == (
+        f"AWS_ENDPOINT_URL_S3 ({S3_ENDPOINT_URL}): no answer from the endpoint"
+    )
+    other = settings_for({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:1"})
+    assert service_failure(lost, other).startswith(f"METAFLOW_S3_ENDPOINT_URL ({S3_ENDPOINT_URL})")

@@ -31,6 +31,7 @@ _REASONS = (
         "unknown host",
     ),
     (r"timed? ?out", "timed out"),
+    (r"could not connect to the endpoint url", "no answer from the endpoint"),  # botocore's
     (
         r"password authentication failed|invalid password|wrongpass|authentication required"
         r"|noauth|invalid username-password|auth.* failed|no password supplied",
@@ -185,6 +186,7 @@ _SERVICE_ERRORS = (
     ("sqlalchemy.", "BATCHSCORE_DATABASE_URL"),
     ("psycopg2", "BATCHSCORE_DATABASE_URL"),
     ("botocore.", "BATCHSCORE_STORE_URL"),
+    ("metaflow.plugins.datatools.s3.", "METAFLOW_S3_ENDPOINT_URL"),  # Metaflow's datastore
 )
 
 
@@ -198,6 +200,8 @@ def service_failure(exc: BaseException, settings: Settings | None = None) -> str
             settings = settings or Settings()
             if variable == "BATCHSCORE_STORE_URL":
                 return _named(*store_setting(settings, error), error)
+            if variable == "METAFLOW_S3_ENDPOINT_URL":
+                return _named(*datastore_setting(settings), error)
             url = {
                 "BATCHSCORE_REDIS_URL": settings.redis_url,
                 "BATCHSCORE_DATABASE_URL": settings.resolved_database_url,
@@ -205,6 +209,19 @@ def service_failure(exc: BaseException, settings: Settings | None = None) -> str
             }[variable]
             return _named(variable, url, error)
     return None
+
+
+def datastore_setting(settings: Settings) -> tuple[str, str]:
+    """The variable to fix when Metaflow's S3 datastore stops answering: the endpoint's.
+    When Metaflow uses the store's own endpoint (as `.env.example` and Compose set it), that
+    is AWS_ENDPOINT_URL_S3, the name `start` and the store's errors use too."""
+    from metaflow.metaflow_config import DATASTORE_SYSROOT_S3, S3_ENDPOINT_URL
+
+    if S3_ENDPOINT_URL and settings.s3_endpoint_url == S3_ENDPOINT_URL:
+        return "AWS_ENDPOINT_URL_S3", S3_ENDPOINT_URL
+    if S3_ENDPOINT_URL:
+        return "METAFLOW_S3_ENDPOINT_URL", S3_ENDPOINT_URL
+    return "METAFLOW_DATASTORE_SYSROOT_S3", DATASTORE_SYSROOT_S3 or "s3://"
 
 
 def redis_error(settings: Settings, exc: BaseException) -> str:
