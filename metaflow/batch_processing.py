@@ -59,19 +59,29 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def start(self):
-        """Stop now if a service is unreachable; name the version (sortable by start time);
-        find the input and the recorded models."""
-        from batchscore.batch.bundle import default_input, find_models
+        """Stop now on a parameter out of range or an unreachable service; name the version
+        (sortable by start time); find the input and the recorded models."""
+        from batchscore.batch.bundle import find_champion
+        from batchscore.batch.parameters import BatchParameters
         from batchscore.config import Settings
         from batchscore.orchestration.preflight import require_services
         from batchscore.versions import new_version
 
+        BatchParameters(
+            self.models,
+            self.shard_rows,
+            self.ttl_days,
+            self.bad_rows,
+            self.max_bad_rows,
+            self.max_drift,
+        ).check()
         settings = Settings()
         require_services(settings)
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"
         self.version = new_version(self.run_pathspec)
-        self.input_uri = self.input_path or default_input(settings)
-        self.records = find_models(self.models, settings)
+        champion = find_champion(self.models, settings)  # one read: input and models agree
+        self.input_uri = self.input_path or champion.batch_input_uri
+        self.records = champion.records
         self.model_name = self.records[0].model
         self.feature_columns = self.records[0].feature_columns
         self.next(self.load_data)
@@ -168,6 +178,7 @@ class BatchProcessingFlow(FlowSpec):
         )
         self.rows_scored, self.keys_written = result.rows_scored, result.keys_written
         self.published = result.published
+        self.superseded_by = result.superseded_by  # a newer run went live meanwhile
         self.gate = result.report.gate.summary if result.report else "not checked"
         self.report = result.report.summary_lines() if result.report else {}
         if result.report:
@@ -177,8 +188,10 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def end(self):
-        """What was published, and where; a batch the gate blocked ends the run non-zero."""
+        """What was published, and where; a batch the gate blocked, or superseded by a newer
+        run while it wrote, ends the run non-zero."""
         from batchscore.batch.gate import GateBlocked
+        from batchscore.batch.publishing import SupersededRun
         from batchscore.orchestration.report import print_mapping
 
         print_mapping(
@@ -203,6 +216,8 @@ class BatchProcessingFlow(FlowSpec):
                 "card.html), then "
                 f"`python -m batchscore promote {self.version}` to publish it anyway"
             )
+        if self.superseded_by:
+            raise SupersededRun(self.version, self.superseded_by)
 
 
 if __name__ == "__main__":

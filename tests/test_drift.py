@@ -116,3 +116,56 @@ def test_bin_counts_match_searchsorted_bins():
         values = np.r_[rng.random(500), edges, [0.0, 1.0, np.nan]]
         expected = np.bincount(np.searchsorted(edges, values), minlength=len(edges) + 1)
         assert bin_counts(values, edges).tolist() == expected.tolist()
+
+
+def test_without_a_profile_the_bad_row_limit_still_applies_and_drift_is_not_measured():
+    blocked = check(None, rows_read=1000, rows_rejected=10, max_drift=0.25, max_bad_rows=0.005)
+    assert not blocked.passed
+    assert blocked.summary == (
+        "blocked: 10 of 1000 rows rejected (1.00%), more than --max_bad_rows 0.005 "
+        "(drift not measured: the champion recorded no reference profile)"
+    )
+    passed = check(None, 1000, 10, max_drift=0.25, max_bad_rows=0.02)
+    assert passed.passed and passed.summary.startswith("passed (drift not measured")
+
+
+@pytest.mark.services
+def test_a_champion_without_a_profile_is_judged_on_its_rejected_rows(
+    redis_url, redis_prefix, settings_for, tmp_path
+):
+    """A model trained before reference profiles existed: the batch report says drift was
+    not measured, and a batch over the bad-row limit is blocked all the same (issue 22)."""
+    from batchscore.batch.bundle import ModelFiles
+    from batchscore.batch.publishing import GateLimits, judge
+    from batchscore.batch.report import card_components
+    from batchscore.batch.scoring import ShardResult
+    from batchscore.batch.shards import ShardPlan
+    from batchscore.online.store import OnlineStore
+    from batchscore.storage.model_record import ModelRecord
+
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        }
+    )
+    record = ModelRecord(
+        "TrainModelsFlow/1", "logreg", "file:///m", "0" * 64, ["a"], ("no", "yes"), True
+    )
+    files = ModelFiles([record], [b""], profile=None)
+    shards = [ShardResult(0, 600, 600), ShardResult(1, 390, 390)]
+    plan = ShardPlan(["s0", "s1"], rows_read=1000, rows_rejected=10)
+    online = OnlineStore.from_settings(settings)
+
+    report = judge("v1", shards, files, online, plan, GateLimits(max_bad_rows=0.005))
+    assert not report.gate.passed
+    assert "10 of 1000 rows rejected" in report.gate.summary
+    assert report.max_drift is None and report.rows_scored == 990
+    assert report.summary()["max_drift"] is None
+    assert report.summary_lines()["largest drift (PSI)"] == "not measured (no reference profile)"
+    card = repr([c.render() for c in card_components(report)])
+    assert "Drift: not measured" in card and "BLOCKED" in card
+
+    within = judge("v1", shards, files, online, plan, GateLimits(max_bad_rows=0.02))
+    assert within.gate.passed

@@ -5,17 +5,19 @@ from __future__ import annotations
 import base64
 import io
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
 from batchscore.cli import main as cli
 from batchscore.online.store import OnlineStore
 from batchscore.storage.object_store import ObjectStore
-from batchscore.storage.tracking import batch_runs
+from batchscore.storage.tracking import batch_runs, training_runs
+from batchscore.versions import new_version
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.flows, pytest.mark.services]
@@ -122,3 +124,34 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     assert status == "failed"
     assert "rows rejected" in output
     assert online.current() == loose.data.version
+
+    # A champion trained before reference profiles existed: drift cannot be measured, but
+    # the bad-row limit holds all the same (issue 22, item 4).
+    with engine.begin() as conn:
+        conn.execute(update(training_runs).values(profile_uri=None, profile_sha256=None))
+    status, unprofiled, output = start_flow(
+        "batch_processing.py", service_env, work, max_bad_rows=0.005, **options
+    )
+    assert status == "failed"
+    assert "rows rejected" in output and "drift not measured" in output
+    assert online.current() == loose.data.version
+
+    # Another run publishes a newer version while this one writes (here: before it gets to
+    # ingest_redis, with a version that sorts after it): this run publishes nothing and
+    # ends non-zero, naming the run that superseded it (issue 22, item 6).
+    newer = new_version("BatchProcessingFlow/9999", at=datetime(2999, 1, 1, tzinfo=UTC))
+    online.stage(newer, {"run_id": "BatchProcessingFlow/9999", "model": "svc"})
+    online.write(newer, 0, ["k"], ['{"label": 1}'])
+    assert online.publish(newer, 1, 1)
+    status, late, output = start_flow("batch_processing.py", service_env, work)
+    assert status == "failed"
+    line = (
+        f"superseded: {late['ingest_redis'].task.data.version} was not published because "
+        f"{newer} (run BatchProcessingFlow/9999) went live while this run wrote"
+    )
+    assert output.count(line) == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert online.current() == newer
+    assert not list(
+        online.client.scan_iter(match=f"{online.prefix}:{late['ingest_redis'].task.data.version}:*")
+    )

@@ -175,3 +175,109 @@ def test_a_service_lost_mid_run_is_named_before_its_traceback(service_env, setti
         f"ingest_redis: BATCHSCORE_REDIS_URL (redis://:***@127.0.0.1:{port}/0): "
         "connection refused\n"
     )
+
+
+@pytest.mark.services
+def test_a_store_lost_mid_run_is_named_as_the_start_check_names_it(service_env, settings_for):
+    """One name for one endpoint: an S3 endpoint that stops answering mid-run is reported
+    under the variable `start` would name, the one a user must fix (issue 22, item 14)."""
+    from batchscore.orchestration.preflight import service_failure
+    from batchscore.storage.object_store import ObjectStore
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    settings = settings_for({**service_env, "AWS_ENDPOINT_URL_S3": endpoint})
+    with pytest.raises(ServiceError) as at_start:
+        check_services(settings)
+    with pytest.raises(Exception) as mid_run:
+        ObjectStore.from_settings(settings).get_bytes(f"{settings.resolved_store_url}/x.csv")
+    assert service_failure(mid_run.value, settings) == str(at_start.value)
+    assert str(at_start.value) == f"AWS_ENDPOINT_URL_S3 ({endpoint}): connection refused"
+
+    # The endpoint answers, but the bucket is gone: the store's own variable, both times.
+    gone = settings_for({**service_env, "BATCHSCORE_STORE_URL": "s3://no-such-bucket-here"})
+    with pytest.raises(Exception) as no_bucket:
+        ObjectStore.from_settings(gone).get_bytes("s3://no-such-bucket-here/x.csv")
+    assert service_failure(no_bucket.value, gone).startswith(
+        "BATCHSCORE_STORE_URL (s3://no-such-bucket-here): "
+    )
+
+
+def _env_example_bounds() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    values = dotenv_values(ROOT / ".env.example", interpolate=False)
+    return {k: v for k, v in values.items() if k.startswith(("METAFLOW_S3_", "METAFLOW_DATAT"))}
+
+
+def test_metaflow_gives_up_on_a_lost_store_within_seconds(tmp_path):
+    """The write the issue found hanging (`S3.put`, as `Task.save_metadata` calls it, against
+    an endpoint that is gone): with `.env.example`'s bounds Metaflow gives up in seconds
+    and names the object; with its defaults it backs off for hours."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    bounds = _env_example_bounds()
+    assert set(bounds) >= {
+        "METAFLOW_S3_RETRY_COUNT",
+        "METAFLOW_S3_TRANSIENT_RETRY_COUNT",
+        "METAFLOW_S3_CLIENT_RETRY_CONFIG",
+        "METAFLOW_DATATOOLS_CLIENT_PARAMS",
+    }
+    for name in ("METAFLOW_S3_CLIENT_RETRY_CONFIG", "METAFLOW_DATATOOLS_CLIENT_PARAMS"):
+        json.loads(bounds[name])  # Metaflow reads them as JSON
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("METAFLOW_S3_")},
+        **bounds,
+        "METAFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    script = "from metaflow import S3\nS3(s3root='s3://metaflow/run').put('metadata', 'x')\n"
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("Metaflow still retries S3 after 100 s: the bounds are not in effect")
+    seconds = time.monotonic() - started
+    assert done.returncode != 0
+    assert "S3 operation failed" in done.stderr and "s3://metaflow/run/metadata" in done.stderr
+    assert endpoint in done.stderr, done.stderr[-2000:]  # the store it could not reach
+    print(f"gave up after {seconds:.0f} s")
+
+
+def test_metaflows_datastore_lost_mid_run_is_named_after_the_endpoint(settings_for, tmp_path):
+    """Metaflow's own S3 error (a step loading an artifact once the store is gone) gets the
+    same one-line hint: the endpoint's variable, the one `start` names."""
+    from metaflow.metaflow_config import S3_ENDPOINT_URL
+    from metaflow.plugins.datatools.s3.s3 import MetaflowS3Exception
+
+    from batchscore.orchestration.preflight import service_failure
+
+    lost = MetaflowS3Exception(
+        "S3 operation failed.\nKey requested: s3://metaflow/metaflow/Flow/1/start/1/0.data\n"
+        f'Error: Could not connect to the endpoint URL: "{S3_ENDPOINT_URL}/metaflow"'
+    )
+    same = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path),
+            "BATCHSCORE_STORE_URL": "s3://batch",
+            "AWS_ENDPOINT_URL_S3": S3_ENDPOINT_URL,
+        }
+    )
+    assert service_failure(lost, same) == (
+        f"AWS_ENDPOINT_URL_S3 ({S3_ENDPOINT_URL}): no answer from the endpoint"
+    )
+    other = settings_for({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:1"})
+    assert service_failure(lost, other).startswith(f"METAFLOW_S3_ENDPOINT_URL ({S3_ENDPOINT_URL})")

@@ -114,6 +114,61 @@ def test_model_records_come_from_the_latest_run_champion_first(tracker):
     assert tracker.champion_batch_input() == "file:///new.csv"
 
 
+def test_the_champion_and_its_input_are_one_read(tracker, tmp_path, settings_for, monkeypatch):
+    """A training run finishing while the batch flow's `start` reads must not pair one run's
+    test split with the next run's model (issue 19): what the flow reads comes from one run."""
+    from contextlib import contextmanager
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from batchscore.batch.bundle import find_champion
+
+    tracker.record_training("TrainModelsFlow/1", _run("file:///old.csv"), MODELS, "tree")
+    newer = {"xgboost": _model("xgboost", 0.99)}
+    read_runs, finished = [], []
+
+    def note_reads(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT") and "training_runs" in statement:
+            read_runs.append(True)
+
+    original = Tracker._transaction
+
+    @contextmanager
+    def then_a_training_run_finishes(self):
+        with original(self) as conn:
+            yield conn
+        if read_runs and not finished:  # right after the first read of the runs table
+            finished.append(True)
+            with Tracker(tracker.url) as trainer:
+                trainer.record_training(
+                    "TrainModelsFlow/2", _run("file:///new.csv"), newer, "xgboost"
+                )
+
+    event.listen(Engine, "before_cursor_execute", note_reads)
+    monkeypatch.setattr(Tracker, "_transaction", then_a_training_run_finishes)
+    try:
+        settings = settings_for(
+            {"BATCHSCORE_HOME": str(tmp_path), "BATCHSCORE_DATABASE_URL": tracker.url}
+        )
+        champion = find_champion("champion", settings)
+    finally:
+        event.remove(Engine, "before_cursor_execute", note_reads)
+    assert finished  # the other run did finish in between
+    assert (champion.training_run_id, champion.batch_input_uri) == (
+        "TrainModelsFlow/1",
+        "file:///old.csv",
+    )
+    assert [(r.training_run_id, r.model) for r in champion.records] == [
+        ("TrainModelsFlow/1", "tree")
+    ]
+    again = find_champion("all", settings)
+    assert again.batch_input_uri == "file:///new.csv"
+    assert [(r.training_run_id, r.model) for r in again.records] == [
+        ("TrainModelsFlow/2", "xgboost")
+    ]
+
+
 def test_model_records_rejects_unknown_selection(tracker):
     with pytest.raises(ValueError, match="champion"):
         tracker.model_records("best")
@@ -122,7 +177,7 @@ def test_model_records_rejects_unknown_selection(tracker):
 def test_empty_database_says_what_to_run(tracker):
     with pytest.raises(TrackingError, match="train_models.py"):
         tracker.model_records()
-    with pytest.raises(TrackingError, match="no training run"):
+    with pytest.raises(TrackingError, match="no training run recorded"):
         tracker.champion_batch_input()
     assert tracker.batch_run("BatchProcessingFlow/1") is None
 
@@ -156,7 +211,7 @@ def test_batch_run_lifecycle(tracker):
 
 def test_tables_survive_a_second_tracker(tracker):
     tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
-    again = Tracker(tracker.url)  # create_all on existing tables is harmless
+    again = Tracker(tracker.url)  # finds the schema at its revision: no schema work
     try:
         assert [r.model for r in again.model_records()] == ["svc"]
     finally:
@@ -207,8 +262,9 @@ def test_thresholds_are_recorded_and_loaded_with_the_models(tracker):
 
 def test_a_database_from_before_thresholds_gains_the_column(tracker):
     tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
-    with tracker.engine.begin() as conn:  # the table as the previous release made it
+    with tracker.engine.begin() as conn:  # the table as an older release made it
         conn.execute(text("ALTER TABLE model_metrics DROP COLUMN threshold"))
+        conn.execute(text("DROP TABLE alembic_version"))  # releases before Alembic
     tracker.close()
 
     upgraded = Tracker(tracker.url)
@@ -243,3 +299,82 @@ def test_each_training_run_keeps_its_own_test_split(tmp_path, settings_for):
     assert store.exists(first.batch_labels_uri)
     with Tracker(settings.resolved_database_url) as tracker:
         assert tracker.champion_batch_input() == first.batch_input_uri
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_first_uses_at_once_migrate_once(backend, request, tmp_path):
+    """Two (here four) first runs at once on a fresh database: before Alembic, each ran
+    `create_all` and `ALTER TABLE` and they raced (DuplicateTable). Now one migrates under
+    the lock; the others wait, find the revision recorded and do nothing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchscore.storage.schema import HEAD, revision
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'metrics.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    ready = threading.Barrier(4)
+
+    def first_use(n: int) -> list[str]:
+        ready.wait()
+        with Tracker(url) as tracker:
+            tracker.record_training(f"TrainModelsFlow/{n}", _run(), MODELS, "svc")
+            return [r.model for r in tracker.model_records()]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(first_use, range(4))) == [["svc"]] * 4
+    with Tracker(url) as tracker:
+        assert _count(tracker, training_runs) == 4
+        with tracker.engine.connect() as conn:
+            assert revision(conn) == HEAD
+            assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+def test_a_database_made_before_alembic_upgrades_keeping_its_rows(tracker):
+    """A database made by `create_all` (every release before Alembic) has no revision
+    recorded: the baseline revision adopts it, rows and all."""
+    from batchscore.storage.schema import HEAD, revision
+
+    tracker.record_training("TrainModelsFlow/1", _run(), MODELS, "svc")
+    with tracker.engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text("ALTER TABLE batch_runs DROP COLUMN report"))  # an older one still
+    tracker.close()
+    with Tracker(tracker.url) as upgraded:
+        with upgraded.engine.connect() as conn:
+            assert revision(conn) == HEAD
+        assert [r.model for r in upgraded.model_records()] == ["svc"]
+        assert _count(upgraded, model_metrics) == 3
+        row = {
+            "input_uri": "s3://batch/data/breast_cancer.csv",
+            "training_run_id": "TrainModelsFlow/1",
+            "models": ["svc"],
+            "redis_version": "20240101T000000000000Z-run",
+            "rows_scored": 114,
+            "keys_written": 114,
+            "published": True,
+            "report": {"gate": "passed"},
+        }
+        upgraded.record_batch("BatchProcessingFlow/1", row)
+        assert upgraded.batch_run("BatchProcessingFlow/1")["report"] == {"gate": "passed"}
+
+
+def test_the_tables_the_code_uses_are_the_ones_the_revisions_make(tracker):
+    """`tracking.metadata` and the Alembic revisions must not drift apart: no difference
+    between the two, and HEAD names the newest revision."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from batchscore.storage.schema import HEAD, MIGRATIONS
+    from batchscore.storage.tracking import metadata
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD
+    with tracker.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert differences == []

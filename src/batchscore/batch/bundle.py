@@ -12,7 +12,7 @@ from batchscore.config import Settings
 if TYPE_CHECKING:
     from batchscore.batch.drift import ReferenceProfile
     from batchscore.batch.predictions import LoadedModel
-    from batchscore.storage.model_record import ModelRecord
+    from batchscore.storage.model_record import ChampionRun, ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,18 @@ class ModelFiles:
         )
 
 
-def find_models(which: str, settings: Settings) -> list[ModelRecord]:
-    """Where the recorded champion (or every model) lives, champion first: no model loaded."""
+def find_champion(which: str, settings: Settings) -> ChampionRun:
+    """The latest training run's champion (or every model), champion first, and its test
+    split (the default batch input), in one read: no model loaded."""
     from batchscore.storage.tracking import Tracker
 
     with Tracker(settings.resolved_database_url) as tracker:
-        return tracker.model_records(which)
+        return tracker.latest_champion(which)
+
+
+def find_models(which: str, settings: Settings) -> list[ModelRecord]:
+    """Where the recorded champion (or every model) lives, champion first: no model loaded."""
+    return find_champion(which, settings).records
 
 
 def fetch_models(which: str | Sequence[ModelRecord], settings: Settings) -> ModelFiles:
@@ -129,7 +135,11 @@ def _fetch_profile(record: ModelRecord, settings: Settings) -> bytes | None:
     from batchscore.training.models import verify_sha256
 
     if not record.profile_uri:
-        log.warning("%s recorded no reference profile: drift is not checked", record.model)
+        log.warning(
+            "%s recorded no reference profile: drift is not measured (the bad-row limit "
+            "still applies)",
+            record.model,
+        )
         return None
     data = ObjectStore.read_uri(record.profile_uri, settings)
     verify_sha256(data, record.profile_sha256, record.profile_uri)
@@ -139,11 +149,3 @@ def _fetch_profile(record: ModelRecord, settings: Settings) -> bytes | None:
 def load_models(which: str | Sequence[ModelRecord], settings: Settings) -> ModelBundle:
     """The recorded champion (or all models), each checked against its SHA-256 first."""
     return fetch_models(which, settings).load()
-
-
-def default_input(settings: Settings) -> str:
-    """The test split of the champion's own training run."""
-    from batchscore.storage.tracking import Tracker
-
-    with Tracker(settings.resolved_database_url) as tracker:
-        return tracker.champion_batch_input()

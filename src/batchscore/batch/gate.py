@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Why drift can be unmeasured: the model was trained before reference profiles existed.
+DRIFT_NOT_MEASURED = "drift not measured: the champion recorded no reference profile"
+
 
 @dataclass(frozen=True)
 class GateResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the gate could not check
 
     @property
     def summary(self) -> str:
-        return "passed" if self.passed else "blocked: " + "; ".join(self.reasons)
+        verdict = "passed" if self.passed else "blocked: " + "; ".join(self.reasons)
+        return f"{verdict} ({'; '.join(self.notes)})" if self.notes else verdict
 
 
 def check(
-    drift: dict[str, float],
+    drift: dict[str, float] | None,
     rows_read: int,
     rows_rejected: int,
     max_drift: float,
@@ -30,7 +35,10 @@ def check(
 ) -> GateResult:
     """Pass when every feature's PSI is at most `max_drift` (plus the PSI that sampling
     alone gives at this batch's size, `noise`) and the share of rejected rows at most
-    `max_bad_rows`; otherwise say which limit broke, naming the worst features."""
+    `max_bad_rows`; otherwise say which limit broke, naming the worst features.
+
+    `drift` None: not measured (no reference profile); the bad-row limit applies all the same.
+    """
     if max_drift < 0:
         raise ValueError(f"max_drift must be 0 or more, not {max_drift}")
     if not 0 <= max_bad_rows <= 1:
@@ -38,7 +46,9 @@ def check(
     reasons = []
     noise = noise or {}
     drifted = {
-        name: value for name, value in drift.items() if value > max_drift + noise.get(name, 0.0)
+        name: value
+        for name, value in (drift or {}).items()
+        if value > max_drift + noise.get(name, 0.0)
     }
     if drifted:
         worst = sorted(drifted.items(), key=lambda item: -item[1])[:3]
@@ -51,7 +61,7 @@ def check(
             f"{rows_rejected} of {rows_read} rows rejected ({share:.2%}), "
             f"more than --max_bad_rows {max_bad_rows:g}"
         )
-    return GateResult(not reasons, reasons)
+    return GateResult(not reasons, reasons, [DRIFT_NOT_MEASURED] if drift is None else [])
 
 
 class GateBlocked(ValueError):

@@ -27,11 +27,39 @@ class PublishResult:
     keys_written: int
     published: bool  # False: blocked by the gate, or a newer version was already current
     retired: list[str]
-    report: BatchReport | None = None  # None: the model recorded no reference profile
+    report: BatchReport | None = None
+    # Set when a newer version went live while this run wrote: that version and its run.
+    superseded_by: Superseded | None = None
 
     @property
     def blocked(self) -> bool:
         return self.report is not None and not self.report.gate.passed
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """The newer version that went live while this run wrote, and the run that made it."""
+
+    version: str
+    run_id: str | None  # None: its manifest is gone (retired since)
+
+    def __str__(self) -> str:
+        return f"{self.version} (run {self.run_id or 'unknown'})"
+
+
+class SupersededRun(RuntimeError):
+    """The run published nothing because a newer run went live while it wrote.
+
+    Not a fault to fix and not worth retrying; the flow's `end` step raises it so that the
+    run ends non-zero, its one line starting with `superseded:` (see the README).
+    """
+
+    def __init__(self, version: str, by: Superseded) -> None:
+        self.version, self.by = version, by
+        super().__init__(
+            f"superseded: {version} was not published because {by} went live while this "
+            "run wrote; nothing of it is left in Redis"
+        )
 
 
 @dataclass(frozen=True)
@@ -68,7 +96,7 @@ def publish(
     online = OnlineStore.from_settings(settings)
     rows = sum(r.rows_scored for r in results)
     keys = sum(r.keys_written for r in results)
-    report = _report(version, results, bundle, online, plan, limits)
+    report = judge(version, results, bundle, online, plan, limits)
     record = {
         "input_uri": input_uri,
         "training_run_id": bundle.training_run_id,
@@ -84,22 +112,20 @@ def publish(
     # What `promote` needs to publish this version later with the same checks, and the
     # gate's verdict (the next batch's report compares its scores with `score_counts`).
     fields: dict[str, object] = {"keys_expected": keys, "shards_expected": len(results)}
-    if report is not None:
-        record.update(report.summary())
-        fields.update(
-            gate=report.gate.summary,
-            max_drift=round(report.max_drift, 6),
-            score_counts=report.score_counts,
-        )
+    record.update(report.summary())
+    fields["gate"] = report.gate.summary
+    if report.drift_measured:
+        fields.update(max_drift=round(report.max_drift, 6), score_counts=report.score_counts)
     online.annotate(version, fields)
     with Tracker(settings.resolved_database_url) as tracker:
         # Recorded before the switch: a live version always has its lineage row.
         tracker.record_batch(run_id, record)
-        blocked = report is not None and not report.gate.passed
+        blocked = not report.gate.passed
         published = not blocked and online.publish(version, keys, len(results))
         if published:
             tracker.mark_published(run_id)
     retired: list[str] = []
+    superseded = None
     if published:
         try:
             retired = online.retire(settings.keep_versions)
@@ -108,39 +134,46 @@ def publish(
     elif blocked:
         log.warning("%s stays staged: %s", version, report.gate.summary)
     else:
-        log.warning("%s was superseded by %s: discarded", version, online.current())
+        newer = online.current() or "?"
+        run = online.client.hget(online.manifest(newer), "run_id")
+        superseded = Superseded(newer, run.decode() if run else None)
+        log.warning("%s was superseded by %s: discarded", version, superseded)
         online.discard(version)
     store = ObjectStore.from_settings(settings)
     for uri in scratch:
         store.delete(uri)
-    if report is not None:
-        report.seconds["publish"] = time.perf_counter() - started
-    return PublishResult(rows, keys, published, retired, report)
+    report.seconds["publish"] = time.perf_counter() - started
+    return PublishResult(rows, keys, published, retired, report, superseded)
 
 
-def _report(
+def judge(
     version: str,
     results: list[ShardResult],
     bundle: ModelBundle | ModelFiles,
     online: OnlineStore,
     plan: ShardPlan | None,
     limits: GateLimits,
-) -> BatchReport | None:
-    """The shards' counts merged and judged: drift against training, rejected rows."""
+) -> BatchReport:
+    """The shards' counts merged and judged: drift against training, rejected rows.
+
+    A champion without a reference profile (trained before profiles were recorded) gets no
+    drift measure, but its batch is held to the bad-row limit all the same.
+    """
     from batchscore.batch import gate
     from batchscore.batch.drift import BatchProfile
     from batchscore.batch.report import build_report
 
     reference = bundle.reference
-    if reference is None or any(r.profile is None for r in results):
-        return None
-    profile = BatchProfile.merge([BatchProfile.from_dict(r.profile) for r in results])
     rows_read = plan.rows_read if plan else sum(r.rows_scored for r in results)
     rejected = plan.rows_rejected if plan else 0
-    drift = profile.drift(reference)
-    noise = profile.noise(reference)
     live = online.current()
-    live_counts = online.client.hget(online.manifest(live), "score_counts") if live else None
+    profile, drift, noise, live_counts = None, None, {}, None
+    if reference is not None and all(r.profile is not None for r in results):
+        profile = BatchProfile.merge([BatchProfile.from_dict(r.profile) for r in results])
+        drift = profile.drift(reference)
+        noise = profile.noise(reference)
+        if live:
+            live_counts = online.client.hget(online.manifest(live), "score_counts")
     seconds: dict[str, float] = {}
     for result in results:
         for stage_name, value in result.seconds.items():
@@ -156,6 +189,7 @@ def _report(
         drift=drift,
         noise=max(noise.values(), default=0.0),
         rows_read=rows_read,
+        rows_scored=sum(r.rows_scored for r in results),
         duplicates=sum(r.duplicates for r in results),
         rows_rejected=rejected,
         gate=gate.check(

@@ -38,13 +38,21 @@ class BatchReport:
     seconds: dict[str, float] = field(default_factory=dict)
     rejected_uri: str | None = None
     noise: float = 0.0  # PSI that sampling alone gives at this size, allowed on top
+    # False: the champion recorded no reference profile (trained before profiles existed),
+    # so drift and the score histogram are not measured; the bad-row limit still applied.
+    drift_measured: bool = True
 
     @property
-    def max_drift(self) -> float:
+    def max_drift(self) -> float | None:
+        """The largest feature PSI; None when drift was not measured."""
+        if not self.drift_measured:
+            return None
         return max(self.drift.values(), default=0.0)
 
     @property
     def label_shares(self) -> dict[str, float]:
+        if not self.label_counts:  # not counted: drift was not measured
+            return {}
         total = sum(self.label_counts) or 1
         return {c: n / total for c, n in zip(self.classes, self.label_counts, strict=True)}
 
@@ -55,7 +63,7 @@ class BatchReport:
             "rows_read": self.rows_read,
             "rows_rejected": self.rows_rejected,
             "duplicates": self.duplicates,
-            "max_drift": round(self.max_drift, 6),
+            "max_drift": None if self.max_drift is None else round(self.max_drift, 6),
             "max_drift_feature": worst[0] or None,
             "gate": self.gate.summary,
             "report": self.to_dict(),
@@ -64,8 +72,11 @@ class BatchReport:
     def summary_lines(self) -> dict[str, str]:
         """The card's headline figures, for the flow's last step to print."""
         worst = next(iter(self.drift), "-")
+        lines = {"rows read / rejected": f"{self.rows_read:,} / {self.rows_rejected:,}"}
+        if not self.drift_measured:
+            return {**lines, "largest drift (PSI)": "not measured (no reference profile)"}
         return {
-            "rows read / rejected": f"{self.rows_read:,} / {self.rows_rejected:,}",
+            **lines,
             "labels": ", ".join(f"{c} {s:.1%}" for c, s in self.label_shares.items()),
             "largest drift (PSI)": f"{self.max_drift:.3f} ({worst})",
         }
@@ -84,11 +95,12 @@ def build_report(
     threshold: float,
     training_run_id: str,
     classes: tuple[str, str],
-    reference: ReferenceProfile,
-    profile: BatchProfile,
-    drift: dict[str, float],
+    reference: ReferenceProfile | None,
+    profile: BatchProfile | None,
+    drift: dict[str, float] | None,
     noise: float,
     rows_read: int,
+    rows_scored: int,
     duplicates: int,
     rows_rejected: int,
     gate: GateResult,
@@ -97,6 +109,9 @@ def build_report(
     seconds: Mapping[str, float] | None = None,
     rejected_uri: str | None = None,
 ) -> BatchReport:
+    """`reference`, `profile` or `drift` None: drift was not measured (no reference profile);
+    the report then holds the counts and the gate's verdict on them."""
+    measured = reference is not None and profile is not None and drift is not None
     return BatchReport(
         version=version,
         model=model,
@@ -104,15 +119,16 @@ def build_report(
         training_run_id=training_run_id,
         classes=classes,
         rows_read=rows_read,
-        rows_scored=profile.rows,
+        rows_scored=profile.rows if measured else rows_scored,
         duplicates=duplicates,
         rows_rejected=rows_rejected,
-        label_counts=list(profile.label_counts),
-        score_counts=list(profile.score_counts),
-        training_score_counts=list(reference.score_counts),
+        label_counts=list(profile.label_counts) if measured else [],
+        score_counts=list(profile.score_counts) if measured else [],
+        training_score_counts=list(reference.score_counts) if measured else [],
         live_score_counts=list(live_score_counts) if live_score_counts else None,
         live_version=live_version,
-        drift=drift,
+        drift=drift if measured else {},
+        drift_measured=measured,
         gate=gate,
         noise=noise,
         seconds=dict(seconds or {}),
@@ -183,13 +199,17 @@ def card_components(report: BatchReport) -> list[Any]:
     verdict = (
         "**passed**" if report.gate.passed else "**BLOCKED**: " + "; ".join(report.gate.reasons)
     )
+    if report.gate.notes:
+        verdict += " (" + "; ".join(report.gate.notes) + ")"
     shares = ", ".join(f"{c} {s:.1%}" for c, s in report.label_shares.items())
+    labels = f" Labels: {shares}." if report.drift_measured else ""
+    measured = report.drift_measured
     components: list[Any] = [
         Markdown(
             f"# Batch report: {report.version}\n"
             f"Gate: {verdict}\n\n"
             f"Model **{report.model}** (threshold {report.threshold:.4f}, training run "
-            f"`{report.training_run_id}`). Labels: {shares}."
+            f"`{report.training_run_id}`).{labels}"
         ),
         Table(
             [
@@ -197,12 +217,31 @@ def card_components(report: BatchReport) -> list[Any]:
                 ["rows scored (keys)", f"{report.rows_scored:,}"],
                 ["duplicate rows (written once)", f"{report.duplicates:,}"],
                 ["rows rejected", f"{report.rows_rejected:,}"],
-                ["largest feature PSI", f"{report.max_drift:.4f}"],
-                ["PSI from sampling alone at this size", f"{report.noise:.4f}"],
+                [
+                    "largest feature PSI",
+                    f"{report.max_drift:.4f}" if measured else "not measured",
+                ],
             ]
+            + (
+                [["PSI from sampling alone at this size", f"{report.noise:.4f}"]]
+                if measured
+                else []
+            )
             + ([["rejected rows file", report.rejected_uri]] if report.rejected_uri else []),
             headers=["", ""],
         ),
+    ]
+    if not measured:
+        components.append(
+            Markdown(
+                "## Drift: not measured\n"
+                "The champion was trained before reference profiles were recorded, so this "
+                "batch is not compared with its training rows; the bad-row limit applied. "
+                "Train again (`python metaflow/train_models.py run`) to measure drift."
+            )
+        )
+        return components + _stage_times(report)
+    components += [
         Markdown("## Drift against the training rows (population stability index)"),
         Table(
             [
@@ -214,12 +253,18 @@ def card_components(report: BatchReport) -> list[Any]:
         Markdown("## Scores"),
         VegaChart(score_histogram_spec(report)),
     ]
-    if report.seconds:
-        components += [
-            Markdown("## Time per stage (seconds, summed over shards)"),
-            Table([[k, f"{v:.2f}"] for k, v in report.seconds.items()], headers=["stage", "s"]),
-        ]
-    return components
+    return components + _stage_times(report)
+
+
+def _stage_times(report: BatchReport) -> list[Any]:
+    from metaflow.cards import Markdown, Table
+
+    if not report.seconds:
+        return []
+    return [
+        Markdown("## Time per stage (seconds, summed over shards)"),
+        Table([[k, f"{v:.2f}"] for k, v in report.seconds.items()], headers=["stage", "s"]),
+    ]
 
 
 def _psi_reading(value: float) -> str:

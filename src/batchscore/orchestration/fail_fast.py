@@ -26,11 +26,18 @@ from metaflow import user_step_decorator
 
 def deterministic() -> tuple[type[BaseException], ...]:
     """InputError and bad parameters are ValueErrors; a model that fails its SHA-256 check
-    (`models.IntegrityError`) will fail it again. That error is only raised once
-    `batchscore.models` is imported, so it is looked up, not imported: importing it here
-    would cost every step scikit-learn's import."""
-    models = sys.modules.get("batchscore.training.models")
-    return (ValueError, models.IntegrityError) if models else (ValueError,)
+    (`models.IntegrityError`) will fail it again, and a run superseded by a newer one
+    (`publishing.SupersededRun`) is over. Those errors are only raised once their modules
+    are imported, so they are looked up, not imported: importing `batchscore.training.models`
+    here would cost every step scikit-learn's import."""
+    found: list[type[BaseException]] = [ValueError]
+    for module, name in (
+        ("batchscore.training.models", "IntegrityError"),
+        ("batchscore.batch.publishing", "SupersededRun"),
+    ):
+        if loaded := sys.modules.get(module):
+            found.append(getattr(loaded, name))
+    return tuple(found)
 
 
 @user_step_decorator

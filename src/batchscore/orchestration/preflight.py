@@ -31,6 +31,7 @@ _REASONS = (
         "unknown host",
     ),
     (r"timed? ?out", "timed out"),
+    (r"could not connect to the endpoint url", "no answer from the endpoint"),  # botocore's
     (
         r"password authentication failed|invalid password|wrongpass|authentication required"
         r"|noauth|invalid username-password|auth.* failed|no password supplied",
@@ -124,12 +125,19 @@ def check_store(settings: Settings) -> None:
             ) from None
         raise ServiceError("BATCHSCORE_STORE_URL", url, reason(exc)) from None
     except BotoCoreError as exc:
-        # The endpoint itself is unreachable: name the variable that points at it.
-        if settings.s3_endpoint_url:
-            raise ServiceError(
-                "AWS_ENDPOINT_URL_S3", settings.s3_endpoint_url, reason(exc)
-            ) from None
-        raise ServiceError("BATCHSCORE_STORE_URL", url, reason(exc)) from None
+        raise ServiceError(*store_setting(settings, exc), reason(exc)) from None
+
+
+def store_setting(settings: Settings, exc: BaseException) -> tuple[str, str]:
+    """The variable (and its URL) a user must fix when the object store fails with `exc`:
+    the S3 endpoint's when the endpoint itself is unreachable (no S3 answer at all), else
+    the store's. The start-of-run check and the mid-run hint both name it this way."""
+    from botocore.exceptions import ClientError
+
+    answered = any(isinstance(e, ClientError) for e in _chain(exc))
+    if settings.s3_endpoint_url and not answered:
+        return "AWS_ENDPOINT_URL_S3", settings.s3_endpoint_url
+    return "BATCHSCORE_STORE_URL", settings.resolved_store_url
 
 
 def check_database(url: str) -> None:
@@ -180,6 +188,7 @@ _SERVICE_ERRORS = (
     ("sqlalchemy.", "BATCHSCORE_DATABASE_URL"),
     ("psycopg2", "BATCHSCORE_DATABASE_URL"),
     ("botocore.", "BATCHSCORE_STORE_URL"),
+    ("metaflow.plugins.datatools.s3.", "METAFLOW_S3_ENDPOINT_URL"),  # Metaflow's datastore
 )
 
 
@@ -191,6 +200,10 @@ def service_failure(exc: BaseException, settings: Settings | None = None) -> str
         variable = next((v for prefix, v in _SERVICE_ERRORS if module.startswith(prefix)), None)
         if variable:
             settings = settings or Settings()
+            if variable == "BATCHSCORE_STORE_URL":
+                return _named(*store_setting(settings, error), error)
+            if variable == "METAFLOW_S3_ENDPOINT_URL":
+                return _named(*datastore_setting(settings), error)
             url = {
                 "BATCHSCORE_REDIS_URL": settings.redis_url,
                 "BATCHSCORE_DATABASE_URL": settings.resolved_database_url,
@@ -198,6 +211,19 @@ def service_failure(exc: BaseException, settings: Settings | None = None) -> str
             }[variable]
             return _named(variable, url, error)
     return None
+
+
+def datastore_setting(settings: Settings) -> tuple[str, str]:
+    """The variable to fix when Metaflow's S3 datastore stops answering: the endpoint's.
+    When Metaflow uses the store's own endpoint (as `.env.example` and Compose set it), that
+    is AWS_ENDPOINT_URL_S3, the name `start` and the store's errors use too."""
+    from metaflow.metaflow_config import DATASTORE_SYSROOT_S3, S3_ENDPOINT_URL
+
+    if S3_ENDPOINT_URL and settings.s3_endpoint_url == S3_ENDPOINT_URL:
+        return "AWS_ENDPOINT_URL_S3", S3_ENDPOINT_URL
+    if S3_ENDPOINT_URL:
+        return "METAFLOW_S3_ENDPOINT_URL", S3_ENDPOINT_URL
+    return "METAFLOW_DATASTORE_SYSROOT_S3", DATASTORE_SYSROOT_S3 or "s3://"
 
 
 def redis_error(settings: Settings, exc: BaseException) -> str:

@@ -24,3 +24,14 @@ class ModelRecord:
     # The training run's reference profile for the drift gate (None: recorded before it).
     profile_uri: str | None = None
     profile_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ChampionRun:
+    """The latest training run's models and its test split (the default batch input), read
+    together: a training run finishing in between cannot pair one run's input with the
+    next run's model."""
+
+    training_run_id: str
+    batch_input_uri: str
+    records: list[ModelRecord]  # champion first

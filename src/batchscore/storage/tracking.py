@@ -29,16 +29,17 @@ from sqlalchemy import (
     create_engine,
     delete,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from batchscore.storage.model_record import ModelRecord
+from batchscore.storage.model_record import ChampionRun, ModelRecord
+from batchscore.storage.schema import SchemaError, migrate
 
+# The tables as the code reads and writes them; their schema is made and changed only by
+# the Alembic revisions in migrations/versions (keep the two in step: test_tracking checks).
 metadata = MetaData()
 
 training_runs = Table(
@@ -108,15 +109,18 @@ class TrackingError(RuntimeError):
 
 
 class Tracker:
-    """One object per database URL; tables are created on first use."""
+    """One object per database URL; the schema is migrated on first use (`schema.migrate`:
+    once, under a lock, with Alembic), and only checked afterwards."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         _make_sqlite_folder(url)
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
-        with self._transaction() as conn:
-            metadata.create_all(conn)
-            _add_missing_columns(conn)
+        try:
+            migrate(self.engine)
+        except (SQLAlchemyError, SchemaError) as exc:
+            self.engine.dispose()
+            raise TrackingError(f"database error at {self._where}: {_short(exc)}") from exc
 
     def record_training(
         self,
@@ -142,8 +146,10 @@ class Tracker:
                 ],
             )
 
-    def model_records(self, which: str = "champion") -> list[ModelRecord]:
-        """The latest training run's champion (`champion`) or every model (`all`)."""
+    def latest_champion(self, which: str = "champion") -> ChampionRun:
+        """The latest training run's champion (`champion`) or every model (`all`), champion
+        first, with that run's test split: one read of the run's row, so the input and the
+        models always come from the same run."""
         if which not in ("champion", "all"):
             raise ValueError(f"models must be 'champion' or 'all', not {which!r}")
         with self._transaction() as conn:
@@ -155,13 +161,13 @@ class Tracker:
             ).first()
             if run is None:
                 raise TrackingError(
-                    "no trained model recorded: run `python metaflow/train_models.py run` first"
+                    "no training run recorded: run `python metaflow/train_models.py run` first"
                 )
             query = select(model_metrics).where(model_metrics.c.run_id == run.run_id)
             if which == "champion":
                 query = query.where(model_metrics.c.is_champion)
             rows = conn.execute(query.order_by(model_metrics.c.is_champion.desc())).all()
-        return [
+        records = [
             ModelRecord(
                 training_run_id=run.run_id,
                 model=row.model,
@@ -176,22 +182,18 @@ class Tracker:
             )
             for row in rows
         ]
+        return ChampionRun(run.run_id, run.batch_input_uri, records)
+
+    def model_records(self, which: str = "champion") -> list[ModelRecord]:
+        """The latest training run's champion (`champion`) or every model (`all`)."""
+        return self.latest_champion(which).records
 
     def champion_batch_input(self) -> str:
         """The test split of the run whose champion the batch flow loads: its default input.
 
         Each run's split is its own file, so this is the data that champion was tested on.
         """
-        with self._transaction() as conn:
-            uri = conn.execute(
-                select(training_runs.c.batch_input_uri)
-                .where(training_runs.c.champion.is_not(None))
-                .order_by(training_runs.c.created_at.desc(), training_runs.c.run_id.desc())
-                .limit(1)
-            ).scalar()
-        if uri is None:
-            raise TrackingError("no training run recorded, so no default batch input")
-        return uri
+        return self.latest_champion().batch_input_uri
 
     def metrics(self, run_id: str) -> dict[str, dict[str, Any]]:
         with self._transaction() as conn:
@@ -233,8 +235,11 @@ class Tracker:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            where = self.engine.url.render_as_string(hide_password=True)
-            raise TrackingError(f"database error at {where}: {_short(exc)}") from exc
+            raise TrackingError(f"database error at {self._where}: {_short(exc)}") from exc
+
+    @property
+    def _where(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -244,21 +249,6 @@ class Tracker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """Bring a database made by an older release up to date: schema changes are only ever
-    new nullable columns, which `create_all` does not add to an existing table."""
-    inspector = inspect(conn)
-    quote = conn.dialect.identifier_preparer.quote
-    for table in metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(
-                    text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
-                )
 
 
 def _make_sqlite_folder(url: str) -> None:

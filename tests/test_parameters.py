@@ -1,0 +1,73 @@
+"""The batch flow's parameters are checked in `start`, before any data is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchscore.batch.parameters import BatchParameters, ParameterError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_sensible_values_pass():
+    BatchParameters().check()
+    BatchParameters("all", 500, 1.5, "quarantine", 0.02, 0.1).check()
+    BatchParameters(max_drift=float("inf")).check()  # never block on drift
+
+
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        ({"max_bad_rows": 5.0}, "--max_bad_rows 5: must be a share of rows between 0 and 1"),
+        ({"max_bad_rows": -0.1}, "--max_bad_rows -0.1: must be a share of rows between 0 and 1"),
+        ({"max_drift": -1.0}, "--max_drift -1: must be a PSI of 0 or more"),
+        ({"max_drift": float("nan")}, "--max_drift nan: must be a PSI of 0 or more"),
+        (
+            {"bad_rows": "quarnatine"},
+            "--bad_rows 'quarnatine': must be one of 'reject', 'quarantine'",
+        ),
+        ({"shard_rows": -3}, "--shard_rows -3: must be a whole number of rows, 1 or more"),
+        ({"models": "best"}, "--models 'best': must be one of 'champion', 'all'"),
+        ({"ttl_days": -2.0}, "--ttl_days -2: must be 0 or more days"),
+        ({"ttl_days": float("inf")}, "--ttl_days inf: must be 0 or more days"),
+    ],
+)
+def test_each_bad_parameter_is_named_with_its_range(given, line):
+    with pytest.raises(ParameterError) as info:
+        BatchParameters(**given).check()
+    assert str(info.value).startswith(line)
+    assert "\n" not in str(info.value)
+
+
+def test_every_bad_parameter_gets_its_own_line():
+    with pytest.raises(ParameterError) as info:
+        BatchParameters("best", -3, -1.0, "quarnatine", 5.0, -1.0).check()
+    names = [line.split()[0] for line in str(info.value).splitlines()]
+    assert names == [
+        "--models", "--shard_rows", "--ttl_days", "--bad_rows", "--max_bad_rows", "--max_drift"
+    ]  # fmt: skip
+
+
+@pytest.mark.flows
+def test_the_flow_refuses_them_in_start_before_reading_anything(embedded_env, tmp_path):
+    """No model trained and no input given: the parameters are refused all the same, first."""
+    from metaflow import Runner
+
+    params = {"max_bad_rows": 5, "max_drift": -1, "bad_rows": "quarnatine", "shard_rows": -3}
+    flow = str(ROOT / "metaflow" / "batch_processing.py")
+    with Runner(flow, env=embedded_env, cwd=str(tmp_path)).run(**params) as running:
+        assert running.status == "failed"
+        output = running.stdout + running.stderr
+        run = running.run
+    for line in (
+        "--max_bad_rows 5: must be a share of rows between 0 and 1",
+        "--max_drift -1: must be a PSI of 0 or more",
+        "--bad_rows 'quarnatine': must be one of 'reject', 'quarantine'",
+        "--shard_rows -3: must be a whole number of rows, 1 or more",
+    ):
+        assert output.count(line) == 1, output[-3000:]  # once: no retry
+    assert "train_models.py" not in output  # refused before the database was asked
+    assert "Traceback" not in output
+    assert [step.id for step in run] == ["start"]
