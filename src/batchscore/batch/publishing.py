@@ -135,8 +135,7 @@ def publish(
         log.warning("%s stays staged: %s", version, report.gate.summary)
     else:
         newer = online.current() or "?"
-        run = online.client.hget(online.manifest(newer), "run_id")
-        superseded = Superseded(newer, run.decode() if run else None)
+        superseded = Superseded(newer, online.manifest_field(newer, "run_id"))
         log.warning("%s was superseded by %s: discarded", version, superseded)
         online.discard(version)
     store = ObjectStore.from_settings(settings)
@@ -173,7 +172,7 @@ def judge(
         drift = profile.drift(reference)
         noise = profile.noise(reference)
         if live:
-            live_counts = online.client.hget(online.manifest(live), "score_counts")
+            live_counts = online.manifest_field(live, "score_counts")
     seconds: dict[str, float] = {}
     for result in results:
         for stage_name, value in result.seconds.items():
