@@ -19,7 +19,6 @@ from batchscore.online.errors import PublishError
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
-from batchscore.storage.object_store import ObjectStore
 from batchscore.versions import new_version
 
 COLUMNS = ["a", "b"]
@@ -141,7 +140,7 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
     late_bundle = ModelBundle("train-1", [LoadedModel("m", late, "ab" * 32)], COLUMNS, ("n", "y"))
     results.append(score_shard(1, old_shards[1], late_bundle, old, settings))
     assert late.calls == 2  # the newer run went live in the middle of this shard
-    outcome = publish("Flow/old", old, results, old_input, plain, settings, scratch=old_shards)
+    outcome = publish("Flow/old", old, results, old_input, plain, settings)
 
     assert not outcome.published
     assert online.current() == new
@@ -151,8 +150,6 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
     }
     control = {online.pointer, online.versions, online.manifest(new)}
     assert _keyspace(redis_client, redis_prefix) == new_keys | control
-    store = ObjectStore.from_settings(settings)
-    assert not any(store.exists(uri) for uri in old_shards)  # the run is over: no scratch
 
 
 @pytest.mark.services
@@ -178,11 +175,9 @@ def test_keys_lost_before_the_switch_keep_the_pointer_where_it_was(planned, redi
     redis_client.delete(*doomed)  # 1% of the shard
 
     with pytest.raises(PublishError, match=r"shard 0 lost keys .* sampled keys are gone"):
-        publish("Flow/2", version, results, "rows.parquet", bundle, settings, scratch=shards)
+        publish("Flow/2", version, results, "rows.parquet", bundle, settings)
     assert online.current() == live
     assert online.get_many(row_keys(np.column_stack([[1.0], [3.0]])))[0]["model"] == "m"
-    store = ObjectStore.from_settings(settings)
-    assert all(store.exists(uri) for uri in shards)  # kept for `resume`
 
 
 # --------------------------------------------------------------------- id-keyed versions

@@ -51,7 +51,7 @@ def csv_header(handle: BinaryIO, source: str) -> tuple[list[str], int]:
     line, newline, _ = head.partition(b"\n")
     if not line.strip():
         raise InputError(f"{source}: the file is empty")
-    if b"\0" in line:
+    if b"\0" in head[:4096]:
         raise InputError(f"{source}: not a CSV or Parquet file (binary content)")
     if line.count(b'"') % 2:
         raise InputError(f"{source}: the header holds a quoted line break, which is not supported")
@@ -60,7 +60,7 @@ def csv_header(handle: BinaryIO, source: str) -> tuple[list[str], int]:
             pa.py_buffer(line + b"\n"),
             read_options=pacsv.ReadOptions(autogenerate_column_names=False),
         ).column_names
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise InputError(f"{source}: not a readable CSV file: {exc}") from exc
     return names, len(line) + len(newline)
 
