@@ -222,3 +222,37 @@ def test_an_id_column_missing_from_the_input_is_an_error(tmp_path, settings_for)
     path.write_text("a,b\n1.0,3.0\n")
     with pytest.raises(InputError, match=r"no-ids.csv: no id column 'customer'"):
         plan_shards(str(path), COLUMNS, 100, "Flow/1", settings)
+
+
+@pytest.mark.services
+def test_a_bad_row_in_the_last_shard_publishes_nothing_and_drops_the_staged_keys(
+    planned, redis_client, redis_prefix, tmp_path
+):
+    _, _, settings = planned
+    online = OnlineStore.from_settings(settings)
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    live_input, live_shards = _run_parts(tmp_path, "live", 500, 500, settings)
+    live = new_version("Flow/live")
+    stage(live, "Flow/live", live_input, bundle, settings)
+    assert publish(
+        "Flow/live", live, [score_shard(0, live_shards[0], bundle, live, settings)],
+        live_input, bundle, settings,
+    ).published  # fmt: skip
+    before = _keyspace(redis_client, redis_prefix)
+
+    frame = pd.DataFrame({"a": np.arange(1.0, 3_001.0), "b": np.full(3_000, 3.0)})
+    frame.loc[2_990, "b"] = np.nan
+    path = tmp_path / "late.csv"
+    frame.to_csv(path, index=False)
+    plan = plan_shards(str(path), COLUMNS, 1_000, "Flow/bad", settings, max_tasks=3)
+    assert len(plan.shards) == 3
+    version = new_version("Flow/bad")
+    stage(version, "Flow/bad", str(path), bundle, settings)
+    assert score_shard(0, plan.shards[0], bundle, version, settings).keys_written > 0
+    assert score_shard(1, plan.shards[1], bundle, version, settings).keys_written > 0
+    with pytest.raises(InputError, match=r"late.csv: column 'b', the row at byte offset \d+: nan"):
+        score_shard(2, plan.shards[2], bundle, version, settings)
+    assert online.current() == live
+    assert _keyspace(redis_client, redis_prefix) == before  # the staged version is gone

@@ -596,3 +596,15 @@ def test_an_s3_prefix_is_read_in_ranges_never_whole(tmp_path, settings_for, s3_e
     assert seen == [float(n) for n in range(2_000)] + [5000.0, 5001.0]
     first = plan.shards[0].pieces[0]
     assert first.end - first.start < len(text) // 3  # a shard's range, not the file
+
+
+@pytest.mark.parametrize("bad_rows", ["reject", "quarantine"])
+def test_a_parquet_boolean_column_scores_as_one_or_zero(tmp_path, settings_for, bad_rows):
+    from batchscore.batch.shards import plan_shards, read_shard
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    path = tmp_path / "flags.parquet"
+    pq.write_table(pa.table({"a": [True, False], "b": [2.0, 3.0]}), path)
+    plan = plan_shards(str(path), ["a", "b"], None, "Flow/1", settings, bad_rows)
+    blocks = [b.features for shard in plan.shards for b in read_shard(shard, settings)]
+    assert pa.concat_tables(blocks).to_pydict() == {"a": [1.0, 0.0], "b": [2.0, 3.0]}

@@ -128,3 +128,19 @@ def test_shards_quarantine_and_ingest_merges_their_rejected_rows_in_file_order(
     assert not any(store.exists(r.rejected_uri) for r in results)  # the parts are merged
     found = online.get_many(["0034", "0035"], version="v1")
     assert found[0] is None and found[1]["proba"] == 0.5
+
+
+def test_a_boolean_column_is_one_or_zero_under_quarantine_as_everywhere():
+    # The one row rule: a boolean feature is the number 1 or 0 (reject, quarantine, HTTP).
+    table = pa.table({"a": pa.array([True, False, None]), "b": [1.0, 2.0, 3.0]})
+    part = partition_rows(table, ["a", "b"], "in.parquet")
+    assert part.good.to_pydict() == {"a": [1.0, 0.0], "b": [1.0, 2.0]}
+    assert part.rejected.to_pylist() == [
+        {"row": 3, "column": "a", "value": "", "reason": "missing value"}
+    ]
+
+
+def test_a_column_that_cannot_hold_numbers_names_the_column_and_file():
+    table = pa.table({"a": pa.array([b"x"], pa.binary()), "b": [1.0]})
+    with pytest.raises(InputError, match=r"in.parquet: column 'a' is of type binary"):
+        partition_rows(table, ["a", "b"], "in.parquet")

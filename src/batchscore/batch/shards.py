@@ -103,8 +103,8 @@ def plan_shards(
     `shard_rows` None: locally one shard per core (`max_tasks`), each streaming its pieces
     in turn, so the run's memory does not follow the input's size; in a pod (Kubernetes,
     AWS Batch) shards of `sizing.SHARD_FEATURE_BYTES`, run side by side. With
-    `shard_rows`, pieces of about that many rows: one task each in a pod, at most one
-    task per core locally.
+    `shard_rows`, one shard (task) per about that many rows, as asked. `max_tasks` groups
+    the pieces into at most that many shards.
     """
     from batchscore.storage.sources import list_files
 
@@ -118,7 +118,7 @@ def plan_shards(
     if not total:
         raise InputError(f"{_shown(input_uri)}: the table has a header but no rows")
     cores = machine_cores()
-    if max_tasks is None and not remote():
+    if max_tasks is None and shard_rows is None and not remote():
         max_tasks = cores
     if shard_rows is None:
         per_task = max(1, SHARD_FEATURE_BYTES // (8 * max(1, len(feature_columns))))

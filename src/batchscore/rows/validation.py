@@ -2,7 +2,7 @@
 
 Feature columns must be present and hold finite numbers; `to_feature_*` raise on the
 first bad cell, `partition_rows` sets bad rows aside with their reason (quarantine), and
-`feature_value` checks one value of a JSON request (the HTTP service). One rule for all:
+`is_number` checks one value of a JSON request (the HTTP service). One rule for all:
 a number is an integer or a float, finite; a boolean is the number 1 or 0 (as scikit-learn
 and pandas train on it); text is not a number unless it is one written as text (CSV).
 """
@@ -61,20 +61,10 @@ def _not_finite(source: str, column: str, where: str, value: float) -> InputErro
     )
 
 
-def feature_value(value: object) -> float | None:
-    """One value of a request row as a float64, or None if the row rule refuses it:
-    an int or float (a bool counts as 1 or 0), finite. Text is refused: JSON has numbers."""
-    import math
-
-    if isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond float64's range
-        return None
-    return number if math.isfinite(number) else None
+def is_number(value: object) -> bool:
+    """Whether one value of a request row (JSON) is a number under the row rule: an int or
+    a float; a bool is 1 or 0. Finiteness is checked on the whole request, as a float64."""
+    return isinstance(value, int | float)  # bool is an int
 
 
 def to_feature_frame(

@@ -56,6 +56,7 @@ from batchscore.config import Settings
 from batchscore.online.embedded_redis import ensure_server
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
+from batchscore.rows.validation import is_number
 
 log = logging.getLogger(__name__)
 
@@ -298,9 +299,9 @@ def _feature_keys(rows: list[Any], columns: list[str]) -> list[str]:
             missing = next(c for c in columns if c not in row)
             raise _bad_row(index, missing, "missing") from None
     if not {type(value) for values in matrix for value in values} <= {float, int}:
-        for index, values in enumerate(matrix):  # bool is not a number here
+        for index, values in enumerate(matrix):  # the batch's row rule: a bool is 1 or 0
             for column, value in zip(columns, values, strict=True):
-                if type(value) is not float and type(value) is not int:
+                if not is_number(value):
                     raise _bad_row(index, column, f"{value!r} is not a number")
     try:
         array = np.array(matrix, dtype="float64")

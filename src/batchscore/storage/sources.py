@@ -78,7 +78,7 @@ def list_files(source: str, settings: Settings) -> list[SourceFile]:
         return [SourceFile(str(p), p.stat().st_size) for p in files]
     if not base.is_file():
         raise InputError(f"{source}: no such file")
-    return [SourceFile(path if parts.scheme == "file" else source, base.stat().st_size)]
+    return [SourceFile(source, base.stat().st_size)]
 
 
 def _hidden(parts: tuple[str, ...]) -> bool:
