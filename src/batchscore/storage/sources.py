@@ -150,8 +150,10 @@ class RangeReader(io.RawIOBase):
     """A remote object as a seekable raw file: each read is one range request.
 
     `requested` counts the bytes asked for, so a benchmark can show that the tasks of a
-    run read the input about once between them.
+    run read the input about once between them; `total_requested` adds up every reader's.
     """
+
+    total_requested = 0
 
     def __init__(self, file: SourceFile, fetch) -> None:
         self.file, self._fetch, self._position = file, fetch, 0
@@ -177,6 +179,7 @@ class RangeReader(io.RawIOBase):
             return 0
         data = self._fetch(self._position, end)
         self.requested += end - self._position
+        RangeReader.total_requested += end - self._position
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
