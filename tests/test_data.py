@@ -608,3 +608,96 @@ def test_a_parquet_boolean_column_scores_as_one_or_zero(tmp_path, settings_for, 
     plan = plan_shards(str(path), ["a", "b"], None, "Flow/1", settings, bad_rows)
     blocks = [b.features for shard in plan.shards for b in read_shard(shard, settings)]
     assert pa.concat_tables(blocks).to_pydict() == {"a": [1.0, 0.0], "b": [2.0, 3.0]}
+
+
+# ------------------------------------------------ http(s) inputs: basic auth, masking, timeouts
+
+
+@pytest.fixture
+def http_table(tmp_path):
+    """A local HTTP server for one CSV, behind basic auth, answering range requests; a
+    path `/slow.csv` that never answers in time."""
+    import base64
+    import http.server
+    import threading
+    import time
+
+    body = ("a,b\n" + "".join(f"{n},{n % 5}\n" for n in range(300))).encode()
+    token = base64.b64encode(b"reader:s3cr%t").decode()
+    served: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/slow"):
+                time.sleep(3)
+            if self.headers.get("Authorization") != f"Basic {token}":
+                self.send_response(401)
+                self.end_headers()
+                return
+            start, end = 0, len(body) - 1
+            asked = self.headers.get("Range")
+            if asked:
+                first, last = asked.removeprefix("bytes=").split("-")
+                start, end = int(first), min(int(last), len(body) - 1)
+            served.append(f"{start}-{end}")
+            self.send_response(206 if asked else 200)
+            if asked:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self.wfile.write(body[start : end + 1])
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the stalled request's client has gone: nothing to report
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}", served
+    server.shutdown()
+
+
+def test_a_basic_auth_http_input_is_read_in_ranges_and_its_secret_never_shown(
+    http_table, tmp_path, settings_for
+):
+    from batchscore.batch.shards import plan_shards, read_shard
+
+    address, served = http_table
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    url = f"http://reader:s3cr%25t@{address}/rows.csv?X-Amz-Signature=abc123"
+    plan = plan_shards(url, ["a", "b"], 100, "Flow/1", settings)
+    rows = [
+        a
+        for shard in plan.shards
+        for block in read_shard(shard, settings)
+        for a in block.features.column("a").to_pylist()
+    ]
+    assert rows == [float(n) for n in range(300)]
+    assert len(plan.shards) == 3 and served  # each read a range request
+    shown = plan.shards[0].pieces[0].file.shown
+    assert shown == f"http://***@{address}/rows.csv?***"
+
+    wrong = f"http://reader:wrong-pass@{address}/rows.csv?X-Amz-Signature=abc123"
+    with pytest.raises(InputError) as error:
+        plan_shards(wrong, ["a", "b"], 100, "Flow/1", settings)
+    assert "401" in str(error.value)
+    assert "wrong-pass" not in str(error.value) and "abc123" not in str(error.value)
+
+
+def test_a_stalled_http_input_fails_within_the_timeout(
+    http_table, tmp_path, settings_for, monkeypatch
+):
+    import time
+
+    from batchscore.batch.shards import plan_shards
+
+    address, _ = http_table
+    monkeypatch.setattr("batchscore.storage.sources.HTTP_TIMEOUT_SECONDS", 1)
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=r"slow.csv: cannot download: .*timed out"):
+        plan_shards(f"http://reader:s3cr%25t@{address}/slow.csv", ["a"], 100, "Flow/1", settings)
+    assert time.perf_counter() - started < 2.5

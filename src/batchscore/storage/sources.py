@@ -23,6 +23,7 @@ from batchscore.rows.errors import InputError
 if TYPE_CHECKING:
     from batchscore.config import Settings
 
+_BUFFER = 256 << 10  # a remote read asks for at least this much (fewer small requests)
 HTTP_TIMEOUT_SECONDS = 30  # per request: a stalled server fails the read, never hangs it
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".txt")
 _WILDCARD = re.compile(r"[*?\[]")
@@ -136,9 +137,9 @@ def open_source(file: SourceFile, settings: Settings) -> BinaryIO:
     """A seekable binary file over `file`; remote reads are range requests of what is read."""
     parts = urlsplit(file.uri)
     if parts.scheme in ("http", "https"):
-        return io.BufferedReader(RangeReader(file, _http_fetch(file.uri)), 1 << 20)
+        return io.BufferedReader(RangeReader(file, _http_fetch(file.uri)), _BUFFER)
     if parts.scheme == "s3":
-        return io.BufferedReader(RangeReader(file, _s3_fetch(file.uri, settings)), 1 << 20)
+        return io.BufferedReader(RangeReader(file, _s3_fetch(file.uri, settings)), _BUFFER)
     path = unquote(parts.path) if parts.scheme == "file" else file.uri
     try:
         return open(path, "rb")  # noqa: SIM115 - the caller closes it

@@ -90,7 +90,9 @@ def csv_blocks(
     handle.seek(position)
     carry = b""
     while position < end:
-        chunk = handle.read(block_bytes)
+        # Up to the range's end and a little more for the line crossing it: no more.
+        reading = position + len(carry)
+        chunk = handle.read(min(block_bytes, max(end - reading, 0) + _SKIP_BYTES))
         if not chunk:
             if carry:
                 yield position, carry
