@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from batchscore.config import Settings
 from batchscore.rows.errors import InputError
@@ -23,8 +23,6 @@ from batchscore.storage.sources import SourceFile
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from batchscore.batch.scoring import ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -478,8 +476,17 @@ def _check(table: pa.Table, locate, read: int, piece: Piece, shard: Shard) -> Bl
 # ------------------------------------------------------------------------- after the run
 
 
+class ShardCounts(Protocol):
+    """What `merge_rejected` needs of a shard's result (`scoring.ShardResult`)."""
+
+    rows_read: int
+    rows_rejected: int
+    rejected_uri: str | None
+    piece_rows: dict[int, int]
+
+
 def merge_rejected(
-    plan: ShardPlan, results: Sequence[ShardResult], settings: Settings
+    plan: ShardPlan, results: Sequence[ShardCounts], settings: Settings
 ) -> ShardPlan:
     """The plan with what the shards read: exact rows read and rejected, and the shards'
     rejected rows merged into `batch/<run>/rejected.csv` in input order, each numbered by
