@@ -58,7 +58,7 @@ def csv_header(handle: BinaryIO, source: str) -> tuple[list[str], int]:
     try:
         names = pacsv.read_csv(
             pa.py_buffer(line + b"\n"),
-            read_options=pacsv.ReadOptions(autogenerate_column_names=False),
+            read_options=pacsv.ReadOptions(use_threads=False),
         ).column_names
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise InputError(f"{source}: not a readable CSV file: {exc}") from exc
