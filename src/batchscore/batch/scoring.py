@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
+
 from batchscore.config import Settings
 
 if TYPE_CHECKING:
@@ -143,56 +146,63 @@ def score_shard(
 
 class SeenKeys:
     """Which keys a shard already wrote, so a repeated key is written once (its first row
-    wins). Kept as 128-bit fingerprints (SHA-256 prefixes) in sorted runs: 16 bytes a
-    row, never a Python object per key; two different keys share a fingerprint with
-    odds of about 1e-21 at a billion rows."""
+    wins). Each key is kept as a 128-bit fingerprint (a SHA-256 prefix: 16 bytes a row,
+    never a Python object per key) in a few sorted runs, merged as they grow. Two different
+    keys share a fingerprint with odds of about 1e-21 at a billion rows."""
 
     def __init__(self) -> None:
-        import numpy as np
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (high, low) sorted by high
 
-        self._runs: list = []
-        self._np = np
-
-    def first(self, keys, hashed: bool = True) -> object | None:
+    def first(self, keys: pa.Array, hashed: bool = True) -> np.ndarray | None:
         """Mask of the rows whose key is new (first in the block, unseen before), or None
         when every key is new (the usual case). `hashed`: keys are `hash_rows` output."""
-        np = self._np
-        prints = _fingerprints(keys, hashed)
-        _, index = np.unique(prints, return_index=True)
-        fresh = np.zeros(len(prints), dtype=bool)
-        fresh[index] = True
-        for run in self._runs:
-            at = np.searchsorted(run, prints)
-            hit = at < len(run)
-            hit[hit] = run[at[hit]] == prints[hit]
-            fresh &= ~hit
-        new = np.sort(prints[fresh])
-        if len(new):
-            self._runs.append(new)
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            last = self._runs.pop()
-            self._runs[-1] = np.sort(np.concatenate([self._runs[-1], last]))
-        return None if fresh.all() else fresh
+        high, low = _fingerprints(keys, hashed)
+        # Sorted (stably: the first of equal keys stays first), repeats in the block are
+        # neighbours, and numpy's search is much faster on sorted needles.
+        order = np.argsort(high, kind="stable")
+        high, low = high[order], low[order]
+        fresh = np.ones(len(high), dtype=bool)
+        fresh[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+        for run_high, run_low in self._runs:
+            at = np.searchsorted(run_high, high)
+            at[at == len(run_high)] = 0
+            same = (run_high[at] == high) & (run_low[at] == low)
+            # Equal high halves, other low half: look along the (tiny) run of equal highs.
+            for row in np.flatnonzero((run_high[at] == high) & ~same):
+                stop = np.searchsorted(run_high, high[row], side="right")
+                same[row] = bool((run_low[at[row] : stop] == low[row]).any())
+            fresh &= ~same
+        if fresh.any():
+            self._runs.append((high[fresh], low[fresh]))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            (high_b, low_b), (high_a, low_a) = self._runs.pop(), self._runs.pop()
+            merged = np.concatenate([high_a, high_b])
+            by_high = np.argsort(merged, kind="stable")  # two sorted runs: a linear merge
+            self._runs.append((merged[by_high], np.concatenate([low_a, low_b])[by_high]))
+        if fresh.all():
+            return None
+        mask = np.empty_like(fresh)
+        mask[order] = fresh
+        return mask
 
 
-def _fingerprints(keys, hashed: bool):
-    """16 bytes per key: for a feature key (hex SHA-256) its first half, for an id its
-    BLAKE2b-128."""
+def _fingerprints(keys: pa.Array, hashed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint64 halves of a 128-bit fingerprint per key: for a feature key (hex SHA-256)
+    its first 32 hex digits, for an id its BLAKE2b-128."""
     import binascii
     import hashlib
-
-    import numpy as np
-    import pyarrow as pa
 
     if hashed and len(keys):
         text = np.frombuffer(keys.buffers()[2], np.uint8)
         first = np.frombuffer(keys.buffers()[1], np.int32, 1, 4 * keys.offset)[0]
         hexed = text[first : first + 64 * len(keys)].reshape(-1, 64)[:, :32]
-        return np.frombuffer(binascii.unhexlify(hexed.tobytes()), dtype="S16").copy()
-    ids = keys.cast(pa.string()).to_pylist()
-    blake = hashlib.blake2b
-    joined = b"".join([blake(k.encode(), digest_size=16).digest() for k in ids])
-    return np.frombuffer(joined, dtype="S16").copy()
+        raw = binascii.unhexlify(hexed.tobytes())
+    else:
+        blake = hashlib.blake2b
+        ids = keys.cast(pa.string()).to_pylist()
+        raw = b"".join([blake(k.encode(), digest_size=16).digest() for k in ids])
+    pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
 class _Clock:
