@@ -256,3 +256,21 @@ def test_a_bad_row_in_the_last_shard_publishes_nothing_and_drops_the_staged_keys
         score_shard(2, plan.shards[2], bundle, version, settings)
     assert online.current() == live
     assert _keyspace(redis_client, redis_prefix) == before  # the staged version is gone
+
+
+def test_a_repeated_key_is_new_only_the_first_time_across_blocks():
+    import pyarrow as pa
+
+    from batchscore.batch.scoring import SeenKeys
+
+    seen = SeenKeys()
+    assert seen.first(pa.array(["007", "008", "007"]), hashed=False).tolist() == [1, 1, 0]
+    assert seen.first(pa.array(["009", "008", "010", "009"]), hashed=False).tolist() == [
+        1, 0, 1, 0,
+    ]  # fmt: skip
+    features = np.arange(60.0).reshape(30, 2)
+    keys = pa.array(row_keys(features))
+    assert seen.first(keys) is None  # feature keys: the usual case, nothing repeats
+    for _ in range(5):  # runs merge as they grow; every earlier key is still found
+        assert seen.first(pa.array(row_keys(features[::-1]))).tolist() == [False] * 30
+        assert seen.first(pa.array(row_keys(np.random.default_rng().random((40, 2))))) is None
