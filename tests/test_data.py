@@ -701,3 +701,19 @@ def test_a_stalled_http_input_fails_within_the_timeout(
     with pytest.raises(InputError, match=r"slow.csv: cannot download: .*timed out"):
         plan_shards(f"http://reader:s3cr%25t@{address}/slow.csv", ["a"], 100, "Flow/1", settings)
     assert time.perf_counter() - started < 2.5
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://user:pa55@host/x.csv", "https://***@host/x.csv"),
+        ("https://host/x.csv?X-Amz-Signature=abc&X-Amz-Credential=k", "https://host/x.csv?***"),
+        ("s3://bucket/rows.parquet", "s3://bucket/rows.parquet"),
+        ("/data/rows.csv", "/data/rows.csv"),
+        ("file:///data/rows.csv", "file:///data/rows.csv"),
+    ],
+)
+def test_input_uris_are_shown_without_user_info_or_query(uri, shown):
+    from batchscore.storage.sources import masked
+
+    assert masked(uri) == shown
