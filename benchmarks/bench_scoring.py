@@ -33,7 +33,6 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import joblib
 import numpy as np
@@ -46,7 +45,7 @@ from batchscore.batch.bundle import ModelBundle
 from batchscore.batch.predictions import LoadedModel, encode_predictions
 from batchscore.batch.publishing import stage
 from batchscore.batch.scoring import score_shard
-from batchscore.batch.shards import plan_shards
+from batchscore.batch.shards import Shard, plan_shards, read_shard
 from batchscore.config import Settings
 from batchscore.online.store import OnlineStore, ttl_seconds
 from batchscore.rows.keys import first_occurrences, hash_rows
@@ -117,11 +116,11 @@ def timed_bundle(bundle: ModelBundle) -> ModelBundle:
 
 
 def _score_task(
-    shard: int, uri: str, bundle: ModelBundle, version: str, ttl: int | None
+    shard: int, spec: Shard, bundle: ModelBundle, version: str, ttl: int | None
 ) -> dict[str, Any]:
     """One shard in a worker process, as the flow's `batch_processing` step runs it."""
     _MODEL_SECONDS[0] = 0.0
-    result = score_shard(shard, uri, bundle, version, Settings(_env_file=None), ttl)
+    result = score_shard(shard, spec, bundle, version, Settings(_env_file=None), ttl)
     return {
         "result": result,
         "model_seconds": _MODEL_SECONDS[0],
@@ -146,7 +145,7 @@ def warm_up(bundle: ModelBundle) -> float:
         for shard in plan_shards(
             path.as_uri(), bundle.feature_columns, 5, "Warm/0", with_store
         ).shards:
-            pa.ipc.open_file(pa.py_buffer(Path(urlparse(shard).path).read_bytes())).read_all()
+            list(read_shard(shard, with_store))
     encode_predictions(bundle.models, frame, bundle.classes)
     first_occurrences(hash_rows(frame.to_numpy()))
     time.sleep(0.5)  # keeps this worker busy so that the pool starts every worker
@@ -177,7 +176,9 @@ def run_project(
         uri = parquet.as_uri()
         stage(version, run_id, uri, bundle, settings, ttl)
         staged = time.perf_counter()
-        shards = plan_shards(uri, bundle.feature_columns, shard_rows, run_id, settings).shards
+        shards = plan_shards(
+            uri, bundle.feature_columns, shard_rows, run_id, settings, max_tasks=workers
+        ).shards
         planned = time.perf_counter()
         if pool is None:
             outcomes = [_score_task(i, s, bundle, version, ttl) for i, s in enumerate(shards)]

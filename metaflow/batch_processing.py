@@ -3,8 +3,10 @@
     python metaflow/batch_processing.py run
     python metaflow/batch_processing.py run --input_path s3://batch/incoming.parquet --models all
 
-Shards are scored in parallel (one per core locally; one pod each on Kubernetes) into a
-staged Redis version; `ingest_redis` switches readers to it once every shard landed.
+start -> load_data (plan shards from the input's metadata) -> load_model (fetch and verify
+the models, stage a version) -> batch_processing (foreach shard: read its own rows from the
+input, check, score, write to Redis; one per core locally, one pod each on Kubernetes) ->
+ingest_redis (gate, switch readers once every shard landed) -> end.
 
 Every step is a fresh process: each imports only what it uses, inside the step, so the
 steps around the foreach cost little more than Metaflow's own start-up (the file itself
@@ -86,36 +88,45 @@ class BatchProcessingFlow(FlowSpec):
         self.feature_columns = self.records[0].feature_columns
         self.next(self.load_data)
 
-    @resources(cpu=1, memory=4096)
     @retry(times=RETRIES)
     @fail_fast
     @step
     def load_data(self):
-        """Load the models' bytes (each checked against its SHA-256; deserialised only by
-        the shard tasks, the steps that need scikit-learn), validate every input row
-        against their schema, cut it into shards (one per core unless `--shard_rows`),
-        then stage the run's version."""
-        from batchscore.batch.bundle import fetch_models
-        from batchscore.batch.publishing import stage
+        """Plan the input into shards from its metadata (Parquet footers, CSV headers and
+        byte ranges, the files of a directory, glob or prefix): no row is read here, each
+        shard reads and checks its own (one shard per core locally unless `--shard_rows`)."""
         from batchscore.batch.shards import plan_shards
         from batchscore.config import Settings
-        from batchscore.online.store import ttl_seconds
 
-        settings = Settings()
-        self.model_files = fetch_models(self.records, settings)
         self.plan = plan_shards(
             self.input_uri,
             self.feature_columns,
             self.shard_rows or None,
             self.run_pathspec,
-            settings,
+            Settings(),
             self.bad_rows,
         )
         self.shards = self.plan.shards
+        self.next(self.load_model)
+
+    @retry(times=RETRIES)
+    @fail_fast
+    @step
+    def load_model(self):
+        """Fetch the models' bytes, each checked against its SHA-256 (deserialised only by
+        the shard tasks, the steps that need scikit-learn), then stage the run's version."""
+        from batchscore.batch.bundle import fetch_models
+        from batchscore.batch.publishing import stage
+        from batchscore.config import Settings
+        from batchscore.online.store import ttl_seconds
+        from batchscore.storage.sources import masked
+
+        settings = Settings()
+        self.model_files = fetch_models(self.records, settings)
         stage(
             self.version,
             self.run_pathspec,
-            self.input_uri,
+            masked(self.input_uri),  # the manifest (and `GET /v1/status`) never show secrets
             self.model_files,
             settings,
             ttl_seconds(self.ttl_days),
@@ -128,7 +139,8 @@ class BatchProcessingFlow(FlowSpec):
     @fail_fast
     @step
     def batch_processing(self):
-        """One shard: deserialise the models, key, predict, write under the staged version."""
+        """One shard: read its rows from the input and check them, deserialise the models,
+        key, predict, write under the staged version."""
         from batchscore.batch.scoring import score_shard
         from batchscore.config import Settings
         from batchscore.online.store import ttl_seconds
@@ -156,7 +168,9 @@ class BatchProcessingFlow(FlowSpec):
         switch readers to the new version; the batch report is this step's card."""
         from batchscore.batch.publishing import GateLimits, publish
         from batchscore.batch.report import card_components
+        from batchscore.batch.shards import merge_rejected
         from batchscore.config import Settings
+        from batchscore.storage.sources import masked
 
         self.merge_artifacts(
             inputs,
@@ -165,14 +179,16 @@ class BatchProcessingFlow(FlowSpec):
                 "plan",
             ],
         )  # fmt: skip
+        settings = Settings()
+        results = [i.shard for i in inputs]
+        self.plan = merge_rejected(self.plan, results, settings)
         result = publish(
             self.run_pathspec,
             self.version,
-            [i.shard for i in inputs],
-            self.input_uri,
+            results,
+            masked(self.input_uri),
             self.model_files,
-            Settings(),
-            scratch=self.shards,
+            settings,
             plan=self.plan,
             limits=GateLimits(self.max_drift, self.max_bad_rows),
         )
@@ -193,11 +209,12 @@ class BatchProcessingFlow(FlowSpec):
         from batchscore.batch.gate import GateBlocked
         from batchscore.batch.publishing import SupersededRun
         from batchscore.orchestration.report import print_mapping
+        from batchscore.storage.sources import masked
 
         print_mapping(
             "batch run",
             {
-                "input": self.input_uri,
+                "input": masked(self.input_uri),
                 "model": self.model_name,
                 "version": self.version,
                 "published": self.published,

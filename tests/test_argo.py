@@ -34,7 +34,7 @@ TRAIN_STEPS = {
     "store_results",
     "end",
 }
-BATCH_STEPS = {"start", "load_data", "batch_processing", "ingest_redis", "end"}
+BATCH_STEPS = {"start", "load_data", "load_model", "batch_processing", "ingest_redis", "end"}
 
 
 @pytest.fixture
@@ -205,9 +205,8 @@ def test_batch_processing_compiles_for_argo(argo_env: dict[str, str], tmp_path: 
     template = compile_flow("batch_processing.py", argo_env, tmp_path / "cwd")
     by_step = check_common(template, "BatchProcessingFlow", BATCH_STEPS, argo_env)
     # ingest_redis (the Redis pointer switch) waits for every shard.
-    check_foreach(template, "load_data", "batch_processing", "ingest_redis")
+    check_foreach(template, "load_model", "batch_processing", "ingest_redis")
     check_resources(by_step["batch_processing"], cpu=2, memory_mb=4096)
-    check_resources(by_step["load_data"], cpu=1, memory_mb=4096)
     assert by_step["batch_processing"]["activeDeadlineSeconds"] == 2 * 3600
-    for name in ("start", "load_data", "batch_processing", "ingest_redis"):
+    for name in ("start", "load_data", "load_model", "batch_processing", "ingest_redis"):
         check_retries(by_step[name], 2)

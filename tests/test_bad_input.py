@@ -12,7 +12,7 @@ import pytest
 from batchscore.batch.bundle import ModelBundle
 from batchscore.batch.predictions import LoadedModel
 from batchscore.batch.scoring import score_shard
-from batchscore.batch.shards import plan_shards
+from batchscore.batch.shards import plan_shards, read_shard
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
@@ -26,6 +26,12 @@ FEATURES = ["a", "b", "c"]
 def good_frame(rows: int = 5) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     return pd.DataFrame(rng.normal(size=(rows, 3)), columns=FEATURES)
+
+
+def read_input(source: str, shard_rows: int | None, settings) -> int:
+    """Plan the input, then read and check every shard as the scoring tasks do: rows read."""
+    plan = plan_shards(source, FEATURES, shard_rows, "Flow/1", settings)
+    return sum(block.rows for shard in plan.shards for block in read_shard(shard, settings))
 
 
 def write_csv(path: Path, text: str) -> str:
@@ -49,21 +55,32 @@ def test_bad_csv_is_rejected_naming_file_column_and_row(case, tmp_path, settings
     settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
     source = write_csv(tmp_path / "input.csv", text)
     with pytest.raises(InputError, match=message) as error:
-        plan_shards(source, FEATURES, 2, "Flow/1", settings)
+        read_input(source, 100, settings)
     assert str(tmp_path / "input.csv") in str(error.value)
-    # No scratch shards left behind.
-    assert not list((tmp_path / "home").rglob("*.parquet"))
+    # Nothing is copied: the store holds no scratch of the input.
+    assert not list((tmp_path / "home").rglob("*.*"))
 
 
-def test_error_in_a_late_shard_names_the_absolute_row(tmp_path, settings_for):
+def test_error_in_a_late_shard_names_the_row_or_its_byte_offset(tmp_path, settings_for):
     settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
     frame = good_frame(10)
     frame.loc[7, "c"] = np.nan
     source = tmp_path / "late.csv"
     frame.to_csv(source, index=False)
+    # Parquet rows have their number in the file, whichever shard reads them.
+    parquet = source.with_suffix(".parquet")
+    frame.to_parquet(parquet, row_group_size=3)
     with pytest.raises(InputError, match=r"column 'c', row 8"):
-        plan_shards(str(source), FEATURES, 3, "Flow/1", settings)
-    assert not list((tmp_path / "home").rglob("*.parquet"))
+        read_input(str(parquet), 3, settings)
+    # A CSV range after the first names the line by its byte offset, the first by number.
+    text = source.read_text()
+    offset = len("\n".join(text.split("\n")[:8])) + 1
+    with pytest.raises(InputError, match=rf"column 'c', the row at byte offset {offset}:"):
+        read_input(str(source), 3, settings)
+    frame.loc[7, "c"], frame.loc[1, "a"] = 0.5, np.inf
+    frame.to_csv(source, index=False)
+    with pytest.raises(InputError, match=r"column 'a', row 2: inf"):
+        read_input(str(source), 3, settings)
 
 
 def test_missing_file_and_missing_bucket_are_named(tmp_path, settings_for, s3_env):

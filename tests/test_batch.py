@@ -19,7 +19,6 @@ from batchscore.online.errors import PublishError
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
-from batchscore.storage.object_store import ObjectStore
 from batchscore.versions import new_version
 
 COLUMNS = ["a", "b"]
@@ -141,7 +140,7 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
     late_bundle = ModelBundle("train-1", [LoadedModel("m", late, "ab" * 32)], COLUMNS, ("n", "y"))
     results.append(score_shard(1, old_shards[1], late_bundle, old, settings))
     assert late.calls == 2  # the newer run went live in the middle of this shard
-    outcome = publish("Flow/old", old, results, old_input, plain, settings, scratch=old_shards)
+    outcome = publish("Flow/old", old, results, old_input, plain, settings)
 
     assert not outcome.published
     assert online.current() == new
@@ -152,8 +151,6 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
     }
     control = {online.pointer, online.versions, online.manifest(new), online.sequence}
     assert _keyspace(redis_client, redis_prefix) == new_keys | control
-    store = ObjectStore.from_settings(settings)
-    assert not any(store.exists(uri) for uri in old_shards)  # the run is over: no scratch
 
 
 @pytest.mark.services
@@ -181,11 +178,9 @@ def test_keys_lost_before_the_switch_keep_the_pointer_where_it_was(planned, redi
         redis_client.hdel(*layout.locate(str(key)))
 
     with pytest.raises(PublishError, match=r"shard 0 lost keys .* sampled keys are gone"):
-        publish("Flow/2", version, results, "rows.parquet", bundle, settings, scratch=shards)
+        publish("Flow/2", version, results, "rows.parquet", bundle, settings)
     assert online.current() == live
     assert online.get_many(row_keys(np.column_stack([[1.0], [3.0]])))[0]["model"] == "m"
-    store = ObjectStore.from_settings(settings)
-    assert all(store.exists(uri) for uri in shards)  # kept for `resume`
 
 
 # --------------------------------------------------------------------- id-keyed versions
@@ -230,3 +225,55 @@ def test_an_id_column_missing_from_the_input_is_an_error(tmp_path, settings_for)
     path.write_text("a,b\n1.0,3.0\n")
     with pytest.raises(InputError, match=r"no-ids.csv: no id column 'customer'"):
         plan_shards(str(path), COLUMNS, 100, "Flow/1", settings)
+
+
+@pytest.mark.services
+def test_a_bad_row_in_the_last_shard_publishes_nothing_and_drops_the_staged_keys(
+    planned, redis_client, redis_prefix, tmp_path
+):
+    _, _, settings = planned
+    online = OnlineStore.from_settings(settings)
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    live_input, live_shards = _run_parts(tmp_path, "live", 500, 500, settings)
+    live = new_version("Flow/live")
+    stage(live, "Flow/live", live_input, bundle, settings)
+    assert publish(
+        "Flow/live", live, [score_shard(0, live_shards[0], bundle, live, settings)],
+        live_input, bundle, settings,
+    ).published  # fmt: skip
+    before = _keyspace(redis_client, redis_prefix)
+
+    frame = pd.DataFrame({"a": np.arange(1.0, 3_001.0), "b": np.full(3_000, 3.0)})
+    frame.loc[2_990, "b"] = np.nan
+    path = tmp_path / "late.csv"
+    frame.to_csv(path, index=False)
+    plan = plan_shards(str(path), COLUMNS, 1_000, "Flow/bad", settings, max_tasks=3)
+    assert len(plan.shards) == 3
+    version = new_version("Flow/bad")
+    stage(version, "Flow/bad", str(path), bundle, settings)
+    assert score_shard(0, plan.shards[0], bundle, version, settings).keys_written > 0
+    assert score_shard(1, plan.shards[1], bundle, version, settings).keys_written > 0
+    with pytest.raises(InputError, match=r"late.csv: column 'b', the row at byte offset \d+: nan"):
+        score_shard(2, plan.shards[2], bundle, version, settings)
+    assert online.current() == live
+    assert _keyspace(redis_client, redis_prefix) == before  # the staged version is gone
+
+
+def test_a_repeated_key_is_new_only_the_first_time_across_blocks():
+    import pyarrow as pa
+
+    from batchscore.batch.scoring import SeenKeys
+
+    seen = SeenKeys()
+    assert seen.first(pa.array(["007", "008", "007"]), hashed=False).tolist() == [1, 1, 0]
+    assert seen.first(pa.array(["009", "008", "010", "009"]), hashed=False).tolist() == [
+        1, 0, 1, 0,
+    ]  # fmt: skip
+    features = np.arange(60.0).reshape(30, 2)
+    keys = pa.array(row_keys(features))
+    assert seen.first(keys) is None  # feature keys: the usual case, nothing repeats
+    for _ in range(5):  # runs merge as they grow; every earlier key is still found
+        assert seen.first(pa.array(row_keys(features[::-1]))).tolist() == [False] * 30
+        assert seen.first(pa.array(row_keys(np.random.default_rng().random((40, 2))))) is None

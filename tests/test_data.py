@@ -467,3 +467,253 @@ def test_text_columns_keep_leading_zeros(tmp_path, suffix):
     assert table.column("customer").to_pylist() == ["007", "7", "0042"]
     frame = read_frame(str(path), text_columns=["customer"])
     assert frame["customer"].tolist() == ["007", "7", "0042"]
+
+
+# ------------------------------------------- shards planned from metadata, read in ranges
+
+
+def _shard_rows(source: str, settings, shard_rows=None, max_tasks=None, features=("a", "b")):
+    """Every shard's checked rows, as the scoring tasks read them: (a, b) tuples."""
+    from batchscore.batch.shards import plan_shards, read_shard
+
+    plan = plan_shards(source, list(features), shard_rows, "Flow/1", settings, max_tasks=max_tasks)
+    rows = []
+    for shard in plan.shards:
+        for block in read_shard(shard, settings):
+            rows += list(zip(*block.features.to_pydict().values(), strict=True))
+    return plan, rows
+
+
+@pytest.mark.parametrize("shard_rows", [1_000, 50, 33, 14, 3])
+def test_csv_ranges_cover_every_line_once_wherever_they_cut(tmp_path, settings_for, shard_rows):
+    # Lines of uneven length, so range edges fall mid-line, on a line start, and on a
+    # line break; CRLF endings and a last line without a newline.
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    lines = [f"{n},{n * 1.5:.{n % 7}f}" for n in range(1, 101)]
+    path = tmp_path / "rows.csv"
+    path.write_bytes(("a,b\r\n" + "\r\n".join(lines)).encode())
+    plan, rows = _shard_rows(str(path), settings, shard_rows=shard_rows, max_tasks=50)
+    assert len(plan.shards) == 1 if shard_rows > 100 else len(plan.shards) >= 100 // shard_rows
+    assert [a for a, _ in rows] == [float(n) for n in range(1, 101)]
+
+
+def test_csv_blocks_start_after_the_offset_and_read_through_the_line_crossing_the_end():
+    import io
+
+    from batchscore.storage.tables import csv_blocks
+
+    data = b"h\n1111\n22\n333\n4\n"  # lines start at 2, 7, 10, 14
+
+    def lines(start, end, block=3):
+        return b"".join(b for _, b in csv_blocks(io.BytesIO(data), start, end, 2, block))
+
+    assert lines(0, 7) == b"1111\n"  # the header is not data
+    assert lines(7, 8) == b"22\n"  # a range opening on a line start takes that line
+    assert lines(3, 11) == b"22\n333\n"  # mid-line: from the next line, through the crossing one
+    assert lines(8, 10) == b""  # no line starts in [8, 10)
+    assert lines(14, 99) == b"4\n"
+
+
+def test_a_quoted_line_break_is_refused_clearly(tmp_path, settings_for):
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    path = tmp_path / "notes.csv"
+    path.write_text('a,b,note\n1,2,"one\nline break"\n3,4,ok\n')
+    with pytest.raises(InputError, match=r"notes.csv: a quoted value holds a line break .*byte"):
+        _shard_rows(str(path), settings)
+
+
+def test_a_header_only_file_is_refused_at_planning(tmp_path, settings_for):
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b\n\n")
+    with pytest.raises(InputError, match=r"empty.csv: the table has a header but no rows"):
+        _shard_rows(str(path), settings)
+
+
+def test_a_directory_of_parquet_and_hive_folders_is_one_input(tmp_path, settings_for):
+    # Spark's layout: part files under Hive-style partition folders, with _SUCCESS and
+    # .crc files beside them; planned across files and row groups, read once each.
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    out = tmp_path / "table"
+    expected = []
+    for day, start in (("2026-12-01", 0), ("2026-12-02", 50)):
+        folder = out / f"date={day}"
+        folder.mkdir(parents=True)
+        for part in range(2):
+            first = start + 25 * part
+            table = pa.table({"a": [float(n) for n in range(first, first + 25)], "b": [1.0] * 25})
+            pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=10)
+            expected += [(float(n), 1.0) for n in range(first, first + 25)]
+        (folder / ".part-00000.parquet.crc").write_bytes(b"crc")
+    (out / "_SUCCESS").write_bytes(b"")
+    plan, rows = _shard_rows(str(out), settings, max_tasks=3)
+    assert plan.files == 4 and len(plan.shards) == 3
+    assert rows == expected
+    _, globbed = _shard_rows(str(out / "*" / "part-*.parquet"), settings)
+    assert globbed == expected
+
+
+def test_files_of_one_input_whose_columns_differ_are_refused_naming_the_file(
+    tmp_path, settings_for
+):
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "part-0.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "in" / "part-1.csv").write_text("a,b,extra\n1,2,3\n")
+    with pytest.raises(InputError, match=r"part-1.csv: its columns differ from .*part-0.csv"):
+        _shard_rows(str(tmp_path / "in"), settings)
+
+
+def test_an_s3_prefix_is_read_in_ranges_never_whole(tmp_path, settings_for, s3_env):
+    import boto3
+
+    from batchscore.batch.shards import plan_shards, read_shard
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home"), **s3_env})
+    bucket = s3_env["BATCHSCORE_STORE_URL"].removeprefix("s3://")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    text = "a,b\n" + "".join(f"{n},{n % 3}\n" for n in range(2_000))
+    client.put_object(Bucket=bucket, Key="incoming/part-0.csv", Body=text.encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"a": [5000.0, 5001.0], "b": [0.0, 1.0]}), sink)
+    client.put_object(
+        Bucket=bucket, Key="incoming/part-1.parquet", Body=sink.getvalue().to_pybytes()
+    )
+    plan = plan_shards(f"s3://{bucket}/incoming/", ["a", "b"], 500, "Flow/1", settings, max_tasks=8)
+    assert plan.files == 2 and len(plan.shards) >= 4
+    seen = [
+        a
+        for shard in plan.shards
+        for block in read_shard(shard, settings)
+        for a in block.features.column("a").to_pylist()
+    ]
+    assert seen == [float(n) for n in range(2_000)] + [5000.0, 5001.0]
+    first = plan.shards[0].pieces[0]
+    assert first.end - first.start < len(text) // 3  # a shard's range, not the file
+
+
+@pytest.mark.parametrize("bad_rows", ["reject", "quarantine"])
+def test_a_parquet_boolean_column_scores_as_one_or_zero(tmp_path, settings_for, bad_rows):
+    from batchscore.batch.shards import plan_shards, read_shard
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    path = tmp_path / "flags.parquet"
+    pq.write_table(pa.table({"a": [True, False], "b": [2.0, 3.0]}), path)
+    plan = plan_shards(str(path), ["a", "b"], None, "Flow/1", settings, bad_rows)
+    blocks = [b.features for shard in plan.shards for b in read_shard(shard, settings)]
+    assert pa.concat_tables(blocks).to_pydict() == {"a": [1.0, 0.0], "b": [2.0, 3.0]}
+
+
+# ------------------------------------------------ http(s) inputs: basic auth, masking, timeouts
+
+
+@pytest.fixture
+def http_table(tmp_path):
+    """A local HTTP server for one CSV, behind basic auth, answering range requests; a
+    path `/slow.csv` that never answers in time."""
+    import base64
+    import http.server
+    import threading
+    import time
+
+    body = ("a,b\n" + "".join(f"{n},{n % 5}\n" for n in range(300))).encode()
+    token = base64.b64encode(b"reader:s3cr%t").decode()
+    served: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/slow"):
+                time.sleep(3)
+            if self.headers.get("Authorization") != f"Basic {token}":
+                self.send_response(401)
+                self.end_headers()
+                return
+            start, end = 0, len(body) - 1
+            asked = self.headers.get("Range")
+            if asked:
+                first, last = asked.removeprefix("bytes=").split("-")
+                start, end = int(first), min(int(last), len(body) - 1)
+            served.append(f"{start}-{end}")
+            self.send_response(206 if asked else 200)
+            if asked:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self.wfile.write(body[start : end + 1])
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # the stalled request's client has gone: nothing to report
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}", served
+    server.shutdown()
+
+
+def test_a_basic_auth_http_input_is_read_in_ranges_and_its_secret_never_shown(
+    http_table, tmp_path, settings_for
+):
+    from batchscore.batch.shards import plan_shards, read_shard
+
+    address, served = http_table
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    url = f"http://reader:s3cr%25t@{address}/rows.csv?X-Amz-Signature=abc123"
+    plan = plan_shards(url, ["a", "b"], 100, "Flow/1", settings)
+    rows = [
+        a
+        for shard in plan.shards
+        for block in read_shard(shard, settings)
+        for a in block.features.column("a").to_pylist()
+    ]
+    assert rows == [float(n) for n in range(300)]
+    assert len(plan.shards) == 3 and served  # each read a range request
+    shown = plan.shards[0].pieces[0].file.shown
+    assert shown == f"http://***@{address}/rows.csv?***"
+
+    wrong = f"http://reader:wrong-pass@{address}/rows.csv?X-Amz-Signature=abc123"
+    with pytest.raises(InputError) as error:
+        plan_shards(wrong, ["a", "b"], 100, "Flow/1", settings)
+    assert "401" in str(error.value)
+    assert "wrong-pass" not in str(error.value) and "abc123" not in str(error.value)
+
+
+def test_a_stalled_http_input_fails_within_the_timeout(
+    http_table, tmp_path, settings_for, monkeypatch
+):
+    import time
+
+    from batchscore.batch.shards import plan_shards
+
+    address, _ = http_table
+    monkeypatch.setattr("batchscore.storage.sources.HTTP_TIMEOUT_SECONDS", 1)
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=r"slow.csv: cannot download: .*timed out"):
+        plan_shards(f"http://reader:s3cr%25t@{address}/slow.csv", ["a"], 100, "Flow/1", settings)
+    assert time.perf_counter() - started < 2.5
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://user:pa55@host/x.csv", "https://***@host/x.csv"),
+        ("https://host/x.csv?X-Amz-Signature=abc&X-Amz-Credential=k", "https://host/x.csv?***"),
+        ("s3://bucket/rows.parquet", "s3://bucket/rows.parquet"),
+        ("/data/rows.csv", "/data/rows.csv"),
+        ("file:///data/rows.csv", "file:///data/rows.csv"),
+    ],
+)
+def test_input_uris_are_shown_without_user_info_or_query(uri, shown):
+    from batchscore.storage.sources import masked
+
+    assert masked(uri) == shown

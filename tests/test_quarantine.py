@@ -68,27 +68,79 @@ def test_a_bad_id_sets_its_row_aside_instead_of_rejecting_the_input():
     ]
 
 
-def test_plan_shards_quarantines_bad_ids_and_keys_the_rest_by_id(tmp_path, settings_for):
+class Half:
+    """A model whose probability is always one half."""
+
+    classes_ = np.array([0, 1])
+
+    def predict_proba(self, features):
+        return np.full((len(features), 2), 0.5)
+
+
+@pytest.mark.services
+def test_shards_quarantine_and_ingest_merges_their_rejected_rows_in_file_order(
+    tmp_path, settings_for, redis_url, redis_prefix
+):
+    # Two shards, each reading its own byte range of one CSV: each sets its bad rows
+    # aside, and the merge numbers them by their row in the file, in input order.
     import csv
 
-    from batchscore.batch.shards import plan_shards
+    from batchscore.batch.bundle import ModelBundle
+    from batchscore.batch.predictions import LoadedModel
+    from batchscore.batch.scoring import score_shard
+    from batchscore.batch.shards import merge_rejected, plan_shards
+    from batchscore.online.store import OnlineStore
     from batchscore.storage.object_store import ObjectStore
 
     settings = settings_for(
-        {"BATCHSCORE_HOME": str(tmp_path / "home"), "BATCHSCORE_ID_COLUMN": "customer"}
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_ID_COLUMN": "customer",
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        }
     )
     path = tmp_path / "in.csv"
+    rows = [[f"{n:04d}", n, n + 1] for n in range(1, 41)]
+    rows[1][0] = ""  # row 2: a bad id
+    rows[2][2] = "x"  # row 3: not a number
+    rows[33][1] = "inf"  # row 34, in the second shard
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["customer", "a", "b"])
-        writer.writerows([["0007", 1, 2], ["", 3, 4], ["0009", 5, "x"], ["0010", 7, 8]])
-    plan = plan_shards(str(path), ["a", "b"], None, "Flow/1", settings, "quarantine")
-    assert (plan.rows_read, plan.rows_rejected) == (4, 2)
+        writer.writerows(rows)
+    plan = plan_shards(str(path), ["a", "b"], None, "Flow/1", settings, "quarantine", max_tasks=2)
+    assert len(plan.shards) == 2 and all(s.pieces[0].kind == "csv" for s in plan.shards)
+    bundle = ModelBundle("t", [LoadedModel("half", Half(), "ab" * 32)], ["a", "b"], ("n", "y"))
+    online = OnlineStore.from_settings(settings)
+    online.stage("v1", {"model": "half"})
+    results = [score_shard(s.index, s, bundle, "v1", settings) for s in plan.shards]
+    assert sum(r.keys_written for r in results) == 37
+    assert all(r.rejected_uri for r in results)  # each shard found a bad row
+
+    merged = merge_rejected(plan, results, settings)
+    assert (merged.rows_read, merged.rows_rejected) == (40, 3)
     store = ObjectStore.from_settings(settings)
-    rejected = store.get_bytes(plan.rejected_uri).decode()
-    assert '2,"customer","","id is empty' in rejected and '3,"b","x","not a number"' in rejected
-    ids = [
-        pa.ipc.open_file(pa.py_buffer(store.get_bytes(uri))).read_all().column("customer")
-        for uri in plan.shards
+    rejected = pa.csv.read_csv(pa.py_buffer(store.get_bytes(merged.rejected_uri)))
+    assert rejected.column("row").to_pylist() == [2, 3, 34]
+    assert rejected.column("column").to_pylist() == ["customer", "b", "a"]
+    assert set(rejected.column("file").to_pylist()) == {str(path)}
+    assert not any(store.exists(r.rejected_uri) for r in results)  # the parts are merged
+    found = online.get_many(["0034", "0035"], version="v1")
+    assert found[0] is None and found[1]["proba"] == 0.5
+
+
+def test_a_boolean_column_is_one_or_zero_under_quarantine_as_everywhere():
+    # The one row rule: a boolean feature is the number 1 or 0 (reject, quarantine, HTTP).
+    table = pa.table({"a": pa.array([True, False, None]), "b": [1.0, 2.0, 3.0]})
+    part = partition_rows(table, ["a", "b"], "in.parquet")
+    assert part.good.to_pydict() == {"a": [1.0, 0.0], "b": [1.0, 2.0]}
+    assert part.rejected.to_pylist() == [
+        {"row": 3, "column": "a", "value": "", "reason": "missing value"}
     ]
-    assert [i for column in ids for i in column.to_pylist()] == ["0007", "0010"]
+
+
+def test_a_column_that_cannot_hold_numbers_names_the_column_and_file():
+    table = pa.table({"a": pa.array([b"x"], pa.binary()), "b": [1.0]})
+    with pytest.raises(InputError, match=r"in.parquet: column 'a' is of type binary"):
+        partition_rows(table, ["a", "b"], "in.parquet")

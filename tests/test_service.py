@@ -291,7 +291,6 @@ def test_lookup_computes_keys_from_raw_features(server, store):
     [
         (None, "missing"),  # the column is dropped from the row
         ("12.5", "is not a number"),
-        (True, "is not a number"),
         ("null", "is not a number"),
         ("NaN", "NaN or infinite"),
         ("Infinity", "NaN or infinite"),
@@ -309,7 +308,7 @@ def test_lookup_bad_row_is_422_naming_row_and_column(server, store, cell, proble
         body = json.dumps({"rows": rows})
     else:
         rows[2][column] = "@CELL@"
-        literal = json.dumps(cell) if cell in ("12.5", True) else cell
+        literal = json.dumps(cell) if cell == "12.5" else cell
         body = json.dumps({"rows": rows}).replace('"@CELL@"', literal)
     response = server.http.post(
         "/v1/predictions:lookup", content=body, headers={"content-type": "application/json"}
@@ -317,6 +316,19 @@ def test_lookup_bad_row_is_422_naming_row_and_column(server, store, cell, proble
     error = _error(response, 422, "invalid_row")
     assert error["row"] == 2 and error["column"] == column
     assert f"rows[2], column {column!r}" in error["message"] and problem in error["message"]
+
+
+def test_lookup_reads_a_boolean_as_one_or_zero(server, store):
+    """The one row rule (rows/validation.py): a boolean feature is 1 or 0, as in training
+    and in the batch, so true and 1 key the same row."""
+    rows = ROWS.head(1).to_dict(orient="records")
+    rows[0][COLUMNS[7]] = 1
+    version = publish(store, 1, row_keys([[float(rows[0][c]) for c in COLUMNS]]))
+    as_bool = json.dumps({"rows": rows}).replace(f'"{COLUMNS[7]}": 1', f'"{COLUMNS[7]}": true')
+    answer = server.http.post(
+        "/v1/predictions:lookup", content=as_bool, headers={"content-type": "application/json"}
+    ).json()
+    assert answer["version"] == version and answer["predictions"][0] is not None
 
 
 def test_lookup_of_many_rows(server, store):

@@ -1,13 +1,16 @@
 """The one row check: which rows can be scored, and why the others cannot.
 
 Feature columns must be present and hold finite numbers; `to_feature_*` raise on the
-first bad cell, `partition_rows` sets bad rows aside with their reason (quarantine).
+first bad cell, `partition_rows` sets bad rows aside with their reason (quarantine), and
+`is_number` checks one value of a JSON request (the HTTP service). One rule for all:
+a number is an integer or a float, finite; a boolean is the number 1 or 0 (as scikit-learn
+and pandas train on it); text is not a number unless it is one written as text (CSV).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,11 +47,24 @@ def _check_columns(
         log.warning("%s: ignoring column(s) the model does not use: %s", source, extra)
 
 
-def _not_finite(source: str, column: str, row: int, value: float) -> InputError:
+Locate = Callable[[int], str]  # a row's index in a block -> "row 12" (or a byte offset)
+
+
+def _rows_from(first_row: int) -> Locate:
+    return lambda index: f"row {first_row + index}"
+
+
+def _not_finite(source: str, column: str, where: str, value: float) -> InputError:
     return InputError(
-        f"{source}: column {column!r}, row {row}: {value} is not a finite number "
+        f"{source}: column {column!r}, {where}: {value} is not a finite number "
         "(rows with NaN or inf are rejected)"
     )
+
+
+def is_number(value: object) -> bool:
+    """Whether one value of a request row (JSON) is a number under the row rule: an int or
+    a float; a bool is 1 or 0. Finiteness is checked on the whole request, as a float64."""
+    return isinstance(value, int | float)  # bool is an int
 
 
 def to_feature_frame(
@@ -57,6 +73,7 @@ def to_feature_frame(
     source: str,
     first_row: int = 1,
     allowed_extra: Sequence[str] = (),
+    locate: Locate | None = None,
 ) -> pd.DataFrame:
     """The feature columns, in training order, as finite float64; anything else is an error.
 
@@ -65,6 +82,7 @@ def to_feature_frame(
     """
     import pandas as pd
 
+    locate = locate or _rows_from(first_row)
     _check_columns(list(frame.columns), feature_columns, source, first_row, allowed_extra)
     features = frame.loc[:, list(feature_columns)]
     for column in feature_columns:
@@ -75,7 +93,7 @@ def to_feature_frame(
             if bad.any():
                 at = int(np.flatnonzero(bad.to_numpy())[0])
                 raise InputError(
-                    f"{source}: column {column!r}, row {first_row + at}: "
+                    f"{source}: column {column!r}, {locate(at)}: "
                     f"{values.iloc[at]!r} is not a number"
                 )
             features[column] = numbers
@@ -83,7 +101,7 @@ def to_feature_frame(
     finite = np.isfinite(matrix)
     if not finite.all():
         row, col = (int(i[0]) for i in np.nonzero(~finite))
-        raise _not_finite(source, feature_columns[col], first_row + row, matrix[row, col])
+        raise _not_finite(source, feature_columns[col], locate(row), matrix[row, col])
     return pd.DataFrame(matrix, columns=list(feature_columns), index=frame.index)
 
 
@@ -93,14 +111,17 @@ def to_feature_table(
     source: str,
     first_row: int = 1,
     allowed_extra: Sequence[str] = (),
+    locate: Locate | None = None,
 ) -> pa.Table:
     """`to_feature_frame` for Arrow tables: the same checks and errors, without the copies
-    into and out of pandas when every feature column is already numeric (the usual case)."""
+    into and out of pandas when every feature column is already numeric (the usual case).
+    `locate` names a row from its index in the table (default: `row <first_row + index>`)."""
+    locate = locate or _rows_from(first_row)
     _check_columns(table.column_names, feature_columns, source, first_row, allowed_extra)
     columns = [table.column(name) for name in feature_columns]
     if not all(pa.types.is_integer(c.type) or pa.types.is_floating(c.type) for c in columns):
         features = table.select(list(feature_columns)).to_pandas()
-        frame = to_feature_frame(features, feature_columns, source, first_row)
+        frame = to_feature_frame(features, feature_columns, source, first_row, locate=locate)
         return pa.Table.from_pandas(frame, preserve_index=False)
     # Like pandas, integers beyond 2**53 round to the nearest float64. The check reads
     # each chunk in place: no copy of the table is made when it is already float64, and
@@ -121,7 +142,7 @@ def to_feature_table(
         row, index = first_bad
         value = columns[index][row].as_py()
         value = float("nan") if value is None else value
-        raise _not_finite(source, feature_columns[index], first_row + row, value)
+        raise _not_finite(source, feature_columns[index], locate(row), value)
     return pa.table(dict(zip(feature_columns, columns, strict=True)))
 
 
@@ -179,7 +200,7 @@ def partition_rows(
         bad |= fresh
     columns = []
     for name in feature_columns:
-        values, problems = _as_finite(table.column(name).combine_chunks())
+        values, problems = _as_finite(table.column(name).combine_chunks(), source, name)
         fresh = (problems != None) & ~bad  # noqa: E711 - numpy element-wise
         where[fresh] = name
         reasons[fresh] = problems[fresh]
@@ -208,7 +229,7 @@ def partition_rows(
     return Partition(good, rejected)
 
 
-def _as_finite(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+def _as_finite(column: pa.Array, source: str, name: str) -> tuple[pa.Array, np.ndarray]:
     """The column as float64 (bad cells null) and, per row, why it is bad (None: fine)."""
     problems = np.full(len(column), None, dtype=object)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
@@ -219,8 +240,12 @@ def _as_finite(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
         problems[not_number] = "not a number"
         # Arrow's text-to-float64 cast is the parser its CSV reader uses: keys stay exact.
         column = pc.cast(pc.if_else(number, text, pa.scalar(None, pa.string())), pa.float64())
+    elif pa.types.is_boolean(column.type):  # the row rule: a boolean is 1 or 0
+        column = pc.cast(column, pa.float64())
     elif not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-        raise InputError(f"column of type {column.type} cannot hold feature values")
+        raise InputError(
+            f"{source}: column {name!r} is of type {column.type}, which cannot hold numbers"
+        )
     else:
         column = pc.cast(column, pa.float64(), safe=False)
     values = column.to_numpy(zero_copy_only=False)

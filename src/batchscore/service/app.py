@@ -54,6 +54,7 @@ from batchscore.online.connection import cluster_mode, connect_async
 from batchscore.online.layout import FIELDS, Layout, plan_reads
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import BAD_ID_REASON, is_usable_id, row_keys
+from batchscore.rows.validation import is_number
 from batchscore.service.docs import mount_docs
 
 log = logging.getLogger(__name__)
@@ -262,9 +263,9 @@ def _feature_keys(rows: list[Any], columns: list[str]) -> list[str]:
             missing = next(c for c in columns if c not in row)
             raise _bad_row(index, missing, "missing") from None
     if not {type(value) for values in matrix for value in values} <= {float, int}:
-        for index, values in enumerate(matrix):  # bool is not a number here
+        for index, values in enumerate(matrix):  # the batch's row rule: a bool is 1 or 0
             for column, value in zip(columns, values, strict=True):
-                if type(value) is not float and type(value) is not int:
+                if not is_number(value):
                     raise _bad_row(index, column, f"{value!r} is not a number")
     try:
         array = np.array(matrix, dtype="float64")

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 from batchscore.config import Settings
 from batchscore.rows.errors import InputError
 from batchscore.storage.object_store import ObjectStore, StoreError
+from batchscore.storage.sources import HTTP_TIMEOUT_SECONDS, http_error, http_request
 
 if TYPE_CHECKING:  # imported where used: the batch flow's `load_data` needs no pandas
     import pandas as pd
@@ -31,6 +34,124 @@ if TYPE_CHECKING:  # imported where used: the batch flow's `load_data` needs no 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_BYTES = 16 << 20
+_SKIP_BYTES = 64 << 10  # read while looking for the line start after a range's offset
+
+
+# ------------------------------------------------------------------- ranges of a file
+
+
+def csv_header(handle: BinaryIO, source: str) -> tuple[list[str], int]:
+    """A CSV's column names and the byte where its data starts, from its first line only."""
+    head = b""
+    while b"\n" not in head:
+        chunk = handle.read(_SKIP_BYTES)
+        if not chunk:
+            break
+        head += chunk
+    line, newline, _ = head.partition(b"\n")
+    if not line.strip():
+        raise InputError(f"{source}: the file is empty")
+    if b"\0" in head[:4096]:
+        raise InputError(f"{source}: not a CSV or Parquet file (binary content)")
+    if line.count(b'"') % 2:
+        raise InputError(f"{source}: the header holds a quoted line break, which is not supported")
+    try:
+        names = pacsv.read_csv(
+            pa.py_buffer(line + b"\n"),
+            read_options=pacsv.ReadOptions(use_threads=False),
+        ).column_names
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise InputError(f"{source}: not a readable CSV file: {exc}") from exc
+    return names, len(line) + len(newline)
+
+
+def csv_blocks(
+    handle: BinaryIO, start: int, end: int, data_start: int, block_bytes: int = READ_BLOCK_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """The whole lines of a CSV that start in `[start, end)`, as (offset, bytes) blocks.
+
+    A range that does not open on a line start begins at the first line after its offset
+    (the line in progress belongs to the range before), and reads through the line that
+    crosses its end: ranges cut anywhere cover every line exactly once, as Spark's splits
+    do. Only the range (plus that one line) is read.
+    """
+    position = max(start, data_start)
+    if position > data_start:  # does a line begin exactly at `position`?
+        handle.seek(position - 1)
+        while True:
+            chunk = handle.read(_SKIP_BYTES)
+            if not chunk:
+                return
+            newline = chunk.find(b"\n")
+            if newline >= 0:
+                position += newline
+                break
+            position += len(chunk)
+    handle.seek(position)
+    carry = b""
+    while position < end:
+        # Up to the range's end and a little more for the line crossing it: no more.
+        reading = position + len(carry)
+        chunk = handle.read(min(block_bytes, max(end - reading, 0) + _SKIP_BYTES))
+        if not chunk:
+            if carry:
+                yield position, carry
+            return
+        data = carry + chunk
+        last = end - 1 - position  # index of the range's last byte in `data`
+        if last < len(data):
+            newline = data.find(b"\n", last)
+            if newline >= 0:
+                yield position, data[: newline + 1]
+                return
+            carry = data  # the line crossing the end goes on
+            continue
+        newline = data.rfind(b"\n")
+        if newline < 0:
+            carry = data
+            continue
+        yield position, data[: newline + 1]
+        carry, position = data[newline + 1 :], position + newline + 1
+
+
+def quoted_line_break(data: bytes) -> int | None:
+    """Offset in `data` of the first line holding an unbalanced quote (a value with a line
+    break in it), or None. Ranges are cut at line breaks, so such a file is refused."""
+    if b'"' not in data:
+        return None
+    offset = 0
+    for line in data.split(b"\n"):
+        if line.count(b'"') % 2:
+            return offset
+        offset += len(line) + 1
+    return None
+
+
+def parse_csv_block(
+    data: bytes, columns: Sequence[str], types: dict[str, pa.DataType], include: Sequence[str]
+) -> pa.Table:
+    """Complete CSV lines (no header) as a table of the `include` columns."""
+    return pacsv.read_csv(
+        pa.py_buffer(data),
+        read_options=pacsv.ReadOptions(column_names=list(columns), block_size=READ_BLOCK_BYTES),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, include_columns=list(include), strings_can_be_null=False
+        ),
+    )
+
+
+def line_offsets(data: bytes) -> np.ndarray:
+    """Byte offset in `data` of each non-empty line, in order: the rows the CSV reader
+    returns for it (it skips empty lines)."""
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    starts = np.concatenate([[0], ends + 1])
+    stops = np.concatenate([ends, [len(data)]])
+    width = stops - starts
+    carriage = np.zeros(len(starts), dtype=bool)
+    inside = width > 0
+    carriage[inside] = np.frombuffer(data, np.uint8)[starts[inside]] == 13
+    empty = (width == 0) | ((width == 1) & carriage)
+    return starts[~empty]
 
 
 # --------------------------------------------------------------------------- table I/O
@@ -66,9 +187,14 @@ def local_file(source: str, settings: Settings | None = None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="batchscore-") as tmp:
             path = Path(tmp) / f"download{suffix}"
             try:
-                urllib.request.urlretrieve(source, path)  # noqa: S310 - the user's own URL
+                request = http_request(source)
+                with (
+                    urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response,  # noqa: S310
+                    open(path, "wb") as out,
+                ):
+                    shutil.copyfileobj(response, out)
             except OSError as exc:
-                raise InputError(f"{source}: cannot download: {exc}") from exc
+                raise http_error(source, exc) from exc
             yield path
         return
     path = Path(parsed.path if parsed.scheme == "file" else source)
