@@ -130,6 +130,7 @@ class BatchProcessingFlow(FlowSpec):
             self.model_files,
             settings,
             ttl_seconds(self.ttl_days),
+            expected_rows=self.plan.rows_read,
         )
         self.next(self.batch_processing, foreach="shards")
 

@@ -152,6 +152,23 @@ def test_stage_write_publish_moves_current(store):
     assert store.publish(version, 3, 2) is True
 
 
+def test_a_version_is_laid_out_for_the_rows_the_plan_expects(store):
+    """Buckets of ~64 rows for the planned row count; without one, for the live version's."""
+    from batchscore.online.layout import buckets_for
+
+    def buckets(version: str) -> int:
+        return json.loads(store.client.hget(store.manifest(version), "layout"))["buckets"]
+
+    first, second = _version(0), _version(1)
+    store.stage(first, {**META, "key_scheme": "feature_hash"}, expected_rows=50_000_000)
+    assert buckets(first) == buckets_for(50_000_000)
+    _publish(store, second, {"k1": _value(1), "k2": _value(0)})
+    assert buckets(second) != buckets_for(50_000_000)
+    third = _version(2)
+    store.stage(third, {**META, "key_scheme": "feature_hash"})
+    assert buckets(third) == buckets_for(2)  # the live version's rows
+
+
 def test_get_and_get_many(store):
     _publish(store, _version(0), {"k1": _value(1), "k2": _value(0)})
     assert store.get("k1")["label"] == 1

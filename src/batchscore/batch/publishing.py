@@ -213,8 +213,10 @@ def stage(
     bundle: ModelBundle | ModelFiles,
     settings: Settings,
     ttl_seconds: int | None = None,
+    expected_rows: int | None = None,
 ) -> None:
-    """Open the run's Redis version (invisible to readers until `publish`)."""
+    """Open the run's Redis version (invisible to readers until `publish`), laid out for
+    `expected_rows` (the plan's count: exact for Parquet, estimated for CSV)."""
     from batchscore.online.store import OnlineStore
 
     OnlineStore.from_settings(settings).stage(
@@ -235,4 +237,5 @@ def stage(
             ),
         },
         ttl_seconds,
+        expected_rows,
     )

@@ -135,17 +135,26 @@ class OnlineStore:
 
     # ------------------------------------------------------------------ writing
 
-    def stage(self, version: str, meta: dict[str, Any], ttl_seconds: int | None = None) -> None:
+    def stage(
+        self,
+        version: str,
+        meta: dict[str, Any],
+        ttl_seconds: int | None = None,
+        expected_rows: int | None = None,
+    ) -> None:
         """Open a version: its manifest says who is writing it, how its rows are laid out,
         and that it is not live.
 
         Refused on a Redis that may evict the version's keys: a lost key would go live.
-        Its rows go into about one hash per ROWS_PER_BUCKET rows of the live version (a
-        batch is usually the size of the previous one; the first is sized for 1M rows).
+        Its rows go into about one hash per ROWS_PER_BUCKET rows: of `expected_rows` (the
+        shard plan's count), else of the live version's (a batch is usually the size of
+        the previous one), else of 1M rows.
         """
         self.check_eviction_policy(ttl_seconds)
-        live = self.current()
-        rows = self.row_count(live) if live else 0
+        rows = expected_rows or 0
+        if not rows:
+            live = self.current()
+            rows = self.row_count(live) if live else 0
         layout = {
             "format": COMPACT,
             "rows": f"{self.prefix}:r{self.client.incr(self.sequence)}:",
