@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select, update
 
 from batchscore.cli import main as cli
+from batchscore.batch.predictions import LoadedModel
 from batchscore.online.store import OnlineStore
 from batchscore.storage.object_store import ObjectStore
 from batchscore.storage.tracking import batch_runs, training_runs
@@ -141,7 +142,8 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     # ends non-zero, naming the run that superseded it (issue 22, item 6).
     newer = new_version("BatchProcessingFlow/9999", at=datetime(2999, 1, 1, tzinfo=UTC))
     online.stage(newer, {"run_id": "BatchProcessingFlow/9999", "model": "svc"})
-    online.write(newer, 0, ["k"], ['{"label": 1}'])
+    svc = LoadedModel("svc", None, "0" * 64)
+    online.write(newer, 0, ["0" * 64], [(svc, np.array([1]), np.array([0.9]))])
     assert online.publish(newer, 1, 1)
     status, late, output = start_flow("batch_processing.py", service_env, work)
     assert status == "failed"
