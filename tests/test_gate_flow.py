@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from sqlalchemy import create_engine, select, update
 
-from batchscore.cli import main as cli
 from batchscore.batch.predictions import LoadedModel
+from batchscore.cli import main as cli
 from batchscore.online.store import OnlineStore
 from batchscore.storage.object_store import ObjectStore
 from batchscore.storage.tracking import batch_runs, training_runs
