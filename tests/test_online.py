@@ -536,6 +536,16 @@ def test_keys_are_checked_before_anything_is_written(store):
     assert store.manifest_field(version, "shard:0") is None
 
 
+@pytest.mark.parametrize("scheme", [ID_SCHEME, {"key_scheme": "feature_hash"}])
+def test_an_empty_shard_records_its_models_and_count(store, scheme):
+    """A shard whose rows were all set aside still counts (0 rows) and names the models."""
+    version = _version(0)
+    store.stage(version, {**META, **scheme})
+    assert _write(store, version, 0, pa.array([], pa.string()), []) == 0
+    assert store.manifest_field(version, "shard:0") == "0"
+    assert [m.name for m in store.layout(version).models] == ["v"]
+
+
 # ------------------------------------------------------ eviction policy (own servers)
 
 
