@@ -7,11 +7,12 @@ Each case writes `--rows` real row keys (SHA-256 of random breast-cancer-shaped 
 one model's probabilities (the flow's default, `--models champion`) or five (`--models
 all`) through `OnlineStore.write`, the writer `score_shard` uses, and reads INFO
 `used_memory` before and after (summed over the masters of a cluster). The first layout
-(one JSON string per row under `{prefix}:{version}:{row_key}`, the values `encode` builds)
-is written the way its writer did (MSET chunks), for the comparison. The single Redis is a
-private `redis-server` on a free loopback port, so that nobody else's keys are counted;
-a cluster is given by the plain URL of any node (`--cluster-url`) and must be otherwise
-idle. Printed: bytes per row, and the targets (<= 100 at the defaults, <= 250 with all).
+(one JSON string per row under `{prefix}:{version}:{row_key}`, the values
+`workload.first_layout_values` builds) is written the way its writer did (MSET chunks),
+for the comparison. The single Redis is a private `redis-server` on a free loopback port,
+so that nobody else's keys are counted; a cluster is given by the plain URL of any node
+(`--cluster-url`) and must be otherwise idle. Printed: bytes per row, and the targets
+(<= 100 at the defaults, <= 250 with all).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 
 import numpy as np
 import redis
+from workload import first_layout_values
 
-from batchscore.batch.predictions import LoadedModel, encode
+from batchscore.batch.predictions import LoadedModel
 from batchscore.config import Settings
 from batchscore.online.connection import connect
 from batchscore.online.store import OnlineStore
@@ -75,7 +77,7 @@ def write_compact(store: OnlineStore, keys, scored: list) -> None:
 def write_first_layout(client: redis.Redis, prefix: str, keys, scored: list) -> None:
     base = f"{prefix}:{new_version('BenchMemory/0')}:"
     names = [base + k for k in keys.to_pylist()]
-    values = encode(scored, ("benign", "malignant")).to_pylist()
+    values = first_layout_values(scored, ("benign", "malignant")).to_pylist()
     pipe = client.pipeline(transaction=False)
     for first in range(0, len(names), 2_000):
         pairs = {

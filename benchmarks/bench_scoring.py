@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from workload import flush, peak_rss_mib, run_naive, train_bundle, write_rows
 
 from batchscore.batch.bundle import ModelBundle
-from batchscore.batch.predictions import LoadedModel, encode_predictions
+from batchscore.batch.predictions import LoadedModel, predict_all
 from batchscore.batch.publishing import stage
 from batchscore.batch.scoring import score_shard
 from batchscore.batch.shards import Shard, plan_shards, read_shard
@@ -146,7 +146,7 @@ def warm_up(bundle: ModelBundle) -> float:
             path.as_uri(), bundle.feature_columns, 5, "Warm/0", with_store
         ).shards:
             list(read_shard(shard, with_store))
-    encode_predictions(bundle.models, frame, bundle.classes)
+    predict_all(bundle.models, frame)
     first_occurrences(hash_rows(frame.to_numpy()))
     time.sleep(0.5)  # keeps this worker busy so that the pool starts every worker
     return peak_rss_mib()

@@ -9,9 +9,9 @@ Real row keys (of breast-cancer-shaped rows) and the seed's models' real scores
 (`--redis-url`; FLUSHDB before each run, never on a cluster) by `OnlineStore.writer`, the
 writer `score_shard` uses, in blocks of SCORE_BLOCK_ROWS as `score_shard` hands them over:
 without a TTL (the flow's default) and with one (`--ttl_days` > 0: an EXPIRE per bucket).
-Beside it, the first layout's way with the same rows: one JSON string per row (`encode`),
-MSET in chunks of 2,000 (one Redis only). Printed: rows/s, and the CPU seconds of this
-process plus the Redis server (INFO cpu) per run.
+Beside it, the first layout's way with the same rows: one JSON string per row
+(`workload.first_layout_values`), MSET in chunks of 2,000 (one Redis only). Printed:
+rows/s, and the CPU seconds of this process plus the Redis server (INFO cpu) per run.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import redis
 from redis.cluster import RedisCluster
-from workload import flush, train_bundle, write_rows
+from workload import first_layout_values, flush, train_bundle, write_rows
 
-from batchscore.batch.predictions import encode, predict_all
+from batchscore.batch.predictions import predict_all
 from batchscore.batch.scoring import SCORE_BLOCK_ROWS
 from batchscore.config import Settings
 from batchscore.online.connection import connect
@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "compact-1, TTL": lambda v: compact(v, TTL),
     }
     if not cluster:
-        values = encode(outputs, bundle.classes)
+        values = first_layout_values(outputs, bundle.classes)
         cases["first layout (JSON, MSET)"] = lambda v: _first_layout(client, v, keys, values)
     results: dict[str, Any] = {}
     for name, write in cases.items():

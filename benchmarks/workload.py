@@ -14,6 +14,7 @@ import hashlib
 import json
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,44 @@ def train_bundle(seed: int) -> ModelBundle:
         _, sha = dump_model(trained[name].estimator)
         models.append(LoadedModel(name, trained[name].estimator, sha, trained[name].threshold))
     return ModelBundle("bench-training", models, list(data.features.columns), data.classes)
+
+
+def first_layout_values(outputs: Sequence[Any], classes: Sequence[str]) -> pa.StringArray:
+    """The first layout's JSON value per row, built as its writer built them (Arrow
+    kernels joining literal pieces and probabilities cast to text), for the benchmarks'
+    baseline: `predict_all`'s outputs, champion on top, every model under "models" when
+    there are several. Probabilities rounded to 6 decimals; the library no longer writes
+    these, it only reads versions written so."""
+    import pyarrow.compute as pc
+
+    def number(proba: np.ndarray) -> pa.Array:
+        return pc.cast(pa.array(np.round(proba, 6)), pa.string())
+
+    def heads(before: str) -> pa.Array:
+        """The text before a probability, one per label (picked per row by `take`)."""
+        c = [json.dumps(c) for c in classes]
+        return pa.array([f'{before}{{"label":{i},"class":{c[i]},"proba":' for i in (0, 1)])
+
+    champion, labels, proba = outputs[0]
+    parts: list[Any] = [
+        heads("").take(pa.array(labels)),
+        number(proba),
+        f',"threshold":{json.dumps(float(champion.threshold))},"model":'
+        f'{json.dumps(champion.name)},"model_version":"{champion.version}"',
+    ]
+    if len(outputs) > 1:
+        parts.append(',"models":{')
+        for i, (model, model_labels, model_proba) in enumerate(outputs):
+            name = ("," if i else "") + json.dumps(model.name) + ":"
+            parts += [
+                heads(name).take(pa.array(model_labels)),
+                number(model_proba),
+                f',"threshold":{json.dumps(float(model.threshold))}'
+                f',"model_version":"{model.version}"}}',
+            ]
+        parts.append("}")
+    parts.append("}")
+    return pc.binary_join_element_wise(*parts, "")
 
 
 def flush(redis_url: str) -> None:

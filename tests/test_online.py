@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -17,7 +18,7 @@ import redis
 from batchscore.batch.predictions import LoadedModel
 from batchscore.online.connection import connect
 from batchscore.online.errors import PublishError, SupersededError
-from batchscore.online.layout import FIELDS, plan_reads
+from batchscore.online.layout import COMPACT, FIELDS, Layout, RowModel, plan_reads
 from batchscore.online.store import READ_SLICE, OnlineStore, ttl_seconds
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
@@ -345,6 +346,56 @@ def test_get_many_of_a_large_batch(store):
     assert sum(v is not None for v in found) == 10_000
 
 
+def _one_at_a_time(layout: Layout, value: bytes) -> dict:
+    """The contract decoded one value at a time, as plainly as it is written down: the
+    reference `Layout.predictions` (decoded together, with numpy) must equal."""
+    probas = [int.from_bytes(value[i : i + 3], "big") / 1e6 for i in range(0, len(value), 3)]
+
+    def one(model: RowModel, proba: float) -> dict:
+        label = int(proba >= model.threshold)
+        name = layout.classes[label] if len(layout.classes) > label else str(label)
+        return {
+            "label": label,
+            "class": name,
+            "proba": proba,
+            "threshold": model.threshold,
+            "model_version": model.version,
+        }
+
+    champion = layout.models[0]
+    top = one(champion, probas[0])
+    answer = {
+        **{k: top[k] for k in ("label", "class", "proba", "threshold")},
+        "model": champion.name,
+        "model_version": champion.version,
+    }
+    if len(layout.models) > 1:
+        answer["models"] = {m.name: one(m, p) for m, p in zip(layout.models, probas, strict=True)}
+    return answer
+
+
+@pytest.mark.parametrize("models", [1, 3])
+@pytest.mark.parametrize("classes", [["no", "yes"], ["only"], []])
+def test_predictions_decoded_together_equal_one_at_a_time(models, classes):
+    rng = np.random.default_rng(models)
+    thresholds = [0.0, 1.0, 0.333333][:models] if models > 1 else [0.5]
+    row_models = [RowModel(f"m{j}", f"{j:012d}", t) for j, t in enumerate(thresholds)]
+    layout = Layout(COMPACT, "x:r1:", 1, "id", "id", None, classes, row_models)
+    micro = rng.integers(0, 1_000_001, (500, models))
+    micro[:4] = [[0], [1_000_000], [500_000], [333_333]]  # the ends, and ties with thresholds
+    raw = micro.astype(">u4").view(np.uint8).reshape(500, models, 4)[:, :, 1:].tobytes()
+    values = [raw[i : i + 3 * models] for i in range(0, len(raw), 3 * models)]
+    values[7] = values[9] = None  # absent rows stay None, in place
+    got = layout.predictions(values)
+    want = [_one_at_a_time(layout, v) if v is not None else None for v in values]
+    assert got == want
+    # Key order too: the service's JSON text is the same bytes.
+    assert layout.jsons(values) == [orjson.dumps(w) if w else None for w in want]
+    assert [layout.prediction(v) for v in values[:3]] == want[:3]
+    with pytest.raises(ValueError, match="has 2 bytes"):
+        layout.predictions([values[0], b"ab"])
+
+
 def test_newer_version_switches(store):
     v1, v2 = _version(0), _version(5)
     _publish(store, v1, {"k1": _value(0, "old")})
@@ -551,6 +602,16 @@ def test_keys_are_checked_before_anything_is_written(store):
     with pytest.raises(PublishError, match="not staged"):
         _write(store, _version(9), 0, ["a" * 64], [_value(1)])
     assert store.manifest_field(version, "shard:0") is None
+
+
+@pytest.mark.parametrize("scheme", [ID_SCHEME, {"key_scheme": "feature_hash"}])
+def test_an_empty_shard_records_its_models_and_count(store, scheme):
+    """A shard whose rows were all set aside still counts (0 rows) and names the models."""
+    version = _version(0)
+    store.stage(version, {**META, **scheme})
+    assert _write(store, version, 0, pa.array([], pa.string()), []) == 0
+    assert store.manifest_field(version, "shard:0") == "0"
+    assert [m.name for m in store.layout(version).models] == ["v"]
 
 
 # ------------------------------------------------------ eviction policy (own servers)

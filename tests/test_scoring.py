@@ -1,9 +1,11 @@
-"""The JSON value each row gets in Redis: champion on top, every model under "models"."""
+"""Scoring, and the prediction readers get for each scored row (written through the real
+store, read back): champion on top, every model under "models"."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from batchscore.batch.predictions import LoadedModel, encode_predictions, predict
+from batchscore.batch.predictions import LoadedModel, predict, predict_all
+from batchscore.online.store import OnlineStore
 from batchscore.training.datasets import load_dataset
 from batchscore.training.models import (
     MODEL_NAMES,
@@ -24,8 +27,10 @@ from batchscore.training.models import (
     positive_proba,
     train_model,
 )
+from batchscore.versions import new_version
 
 CLASSES = ("benign", "malignant")
+ID_SCHEME = {"key_scheme": "id", "id_column": "id"}  # rows named by text ids
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +70,42 @@ def _reference_labels(model: LoadedModel, rows) -> np.ndarray:
     return fixed.fit(rows, np.arange(len(rows)) % 2).predict(rows)
 
 
-def test_one_model(rows_and_models):
+@pytest.fixture
+def serve(redis_client, redis_prefix) -> Callable[..., list[dict]]:
+    """What readers get for rows scored by `models`: `predict_all` written by the real
+    store's writer into a version of their own, published, and read back with `get_many`.
+
+    `serve.text(i)` is row i's JSON text as the HTTP service sends it (`Layout.json`).
+    """
+    store = OnlineStore(redis_client, redis_prefix)
+
+    def serve_rows(
+        models: list[LoadedModel], rows: pd.DataFrame, classes: tuple[str, str] = CLASSES
+    ) -> list[dict]:
+        version = new_version("BatchProcessingFlow/1")
+        meta = {"model": models[0].name, "classes": list(classes), **ID_SCHEME}
+        store.stage(version, meta)
+        keys = [f"row{i}" for i in range(len(rows))]
+        assert store.write(version, 0, keys, predict_all(models, rows)) == len(keys)
+        assert store.publish(version, len(keys), 1)
+        return store.get_many(keys)
+
+    def text(index: int) -> bytes:
+        layout = store.layout()
+        name, field = layout.locate(f"row{index}")
+        return layout.json(store.client.hget(name, field))
+
+    serve_rows.store, serve_rows.text = store, text  # type: ignore[attr-defined]
+    return serve_rows
+
+
+def test_one_model(rows_and_models, serve):
     rows, (logreg, _) = rows_and_models
-    values = encode_predictions([logreg], rows, CLASSES).to_pylist()
+    values = serve([logreg], rows)
     assert len(values) == len(rows)
     expected_labels = _reference_labels(logreg, rows)
     expected_proba = positive_proba(logreg.estimator, rows)
-    for value, label, proba in zip(values, expected_labels, expected_proba, strict=True):
-        decoded = json.loads(value)
+    for decoded, label, proba in zip(values, expected_labels, expected_proba, strict=True):
         assert set(decoded) == {"label", "class", "proba", "threshold", "model", "model_version"}
         assert decoded["threshold"] == 0.2
         assert decoded["label"] == int(decoded["proba"] >= decoded["threshold"])
@@ -81,12 +114,12 @@ def test_one_model(rows_and_models):
         assert decoded["proba"] == pytest.approx(float(proba), abs=1e-6)
         assert decoded["model"] == "logreg"
         assert decoded["model_version"] == logreg.sha256[:12]
-    assert {json.loads(v)["class"] for v in values} == set(CLASSES)  # both classes occur
+    assert {v["class"] for v in values} == set(CLASSES)  # both classes occur
 
 
-def test_several_models_champion_on_top(rows_and_models):
+def test_several_models_champion_on_top(rows_and_models, serve):
     rows, models = rows_and_models
-    values = [json.loads(v) for v in encode_predictions(models, rows, CLASSES).to_pylist()]
+    values = serve(models, rows)
     for name, model in (("logreg", models[0]), ("tree", models[1])):
         labels = _reference_labels(model, rows)
         proba = positive_proba(model.estimator, rows)
@@ -107,35 +140,80 @@ def test_several_models_champion_on_top(rows_and_models):
         assert decoded["class"] == CLASSES[decoded["label"]]
     # The models disagree somewhere on probability: each entry is its own prediction.
     assert any(d["models"]["logreg"]["proba"] != d["models"]["tree"]["proba"] for d in values)
+    # The service's JSON text keeps the champion first too.
+    assert list(json.loads(serve.text(0))["models"]) == ["logreg", "tree"]
 
 
-def test_class_names_come_from_the_classes_tuple(rows_and_models):
+def test_class_names_come_from_the_classes_tuple(rows_and_models, serve):
     rows, (logreg, _) = rows_and_models
     odd = ('no "finding"', "finding é")  # quotes and non-ASCII survive JSON encoding
-    values = [json.loads(v) for v in encode_predictions([logreg], rows, odd).to_pylist()]
+    values = serve([logreg], rows, odd)
     assert {v["class"] for v in values} == set(odd)
     for value in values:
         assert value["class"] == odd[value["label"]]
+    texts = [json.loads(serve.text(i)) for i in range(len(rows))]
+    assert texts == values
 
 
-def test_a_nan_probability_is_refused_not_written_as_invalid_json(rows_and_models):
-    rows, _ = rows_and_models
+class _Constant:
+    """A model whose positive-class probability is `proba` for every row."""
 
-    class Broken:
-        classes_ = np.array([0, 1])
+    classes_ = np.array([0, 1])
 
-        def predict_proba(self, x):
-            return np.column_stack([np.full(len(x), np.nan), np.full(len(x), np.nan)])
+    def __init__(self, proba: float) -> None:
+        self.proba = proba
 
-    with pytest.raises(ValueError, match="'broken' returned a probability that is NaN"):
-        encode_predictions([LoadedModel("broken", Broken(), "0" * 64)], rows, CLASSES)
+    def predict_proba(self, x):
+        return np.column_stack([np.full(len(x), 1 - self.proba), np.full(len(x), self.proba)])
 
 
-def test_probabilities_keep_six_decimals_in_their_shortest_form(rows_and_models):
+@pytest.mark.parametrize("proba", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinite_probability_is_refused_before_anything_is_written(
+    rows_and_models, serve, proba
+):
     rows, (logreg, _) = rows_and_models
-    value = encode_predictions([logreg], rows.iloc[:1], CLASSES)[0].as_py()
+    store = serve.store
+    version = new_version("BatchProcessingFlow/1")
+    store.stage(version, {"model": logreg.name, "classes": list(CLASSES), **ID_SCHEME})
+    broken = LoadedModel("broken", _Constant(proba), "0" * 64)
+    keys = [f"row{i}" for i in range(len(rows))]
+    for models in ([broken], [logreg, broken]):  # the champion's, or another model's
+        with pytest.raises(ValueError, match="'broken' returned a probability that is NaN"):
+            store.write(version, 0, keys, predict_all(models, rows))
+    _assert_nothing_written(store, version)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, float("nan")])
+def test_a_threshold_outside_zero_one_is_refused_before_anything_is_written(
+    rows_and_models, serve, threshold
+):
+    rows, (logreg, _) = rows_and_models
+    store = serve.store
+    version = new_version("BatchProcessingFlow/1")
+    store.stage(version, {"model": logreg.name, "classes": list(CLASSES), **ID_SCHEME})
+    odd = LoadedModel("odd", logreg.estimator, "1" * 64, threshold=threshold)
+    keys = [f"row{i}" for i in range(len(rows))]
+    for models in ([odd], [logreg, odd]):
+        with pytest.raises(ValueError, match=r"'odd' has threshold .*, outside \[0, 1\]"):
+            store.write(version, 0, keys, predict_all(models, rows))
+    _assert_nothing_written(store, version)
+
+
+def _assert_nothing_written(store: OnlineStore, version: str) -> None:
+    """A refused block left no rows, no models and no shard count in the version."""
+    layout = store.layout(version)
+    assert layout.models == []
+    assert store.manifest_field(version, "shard:0") is None
+    assert not any(store.client.exists(f"{layout.rows}{b}") for b in range(layout.buckets))
+
+
+def test_probabilities_keep_six_decimals_in_their_shortest_form(rows_and_models, serve):
+    rows, (logreg, _) = rows_and_models
+    serve([logreg], rows.iloc[:1])
+    value = serve.text(0).decode()
     proba = positive_proba(logreg.estimator, rows.iloc[:1])[0]
     assert f'"proba":{round(float(proba), 6)!r}' in value
+    assert len(repr(float(proba))) > len(repr(round(float(proba), 6)))  # it was rounded
 
 
 def _table_with_a_contradiction() -> tuple[pd.DataFrame, np.ndarray]:
@@ -149,7 +227,7 @@ def _table_with_a_contradiction() -> tuple[pd.DataFrame, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_labels_follow_the_threshold_for_every_zoo_model(name):
+def test_labels_follow_the_threshold_for_every_zoo_model(name, serve):
     features, labels = _table_with_a_contradiction()
     estimator = train_model(name, features, labels, cv_folds=2).estimator
     proba = positive_proba(estimator, features)
@@ -164,7 +242,7 @@ def test_labels_follow_the_threshold_for_every_zoo_model(name):
         # ... and a probability written exactly at the threshold is positive.
         at = published == threshold
         assert (got[at] == 1).all()
-        values = [json.loads(v) for v in encode_predictions([model], features, CLASSES).to_pylist()]
+        values = serve([model], features)
         assert all(v["label"] == int(v["proba"] >= v["threshold"]) for v in values)
 
 

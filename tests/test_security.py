@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from batchscore.batch.bundle import load_models
-from batchscore.batch.predictions import LoadedModel, encode_predictions
+from batchscore.batch.predictions import LoadedModel, predict_all
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import id_keys
@@ -173,7 +173,9 @@ def test_prefixes_that_would_break_the_layout_are_refused(prefix, redis_client):
         OnlineStore(redis_client, prefix)
 
 
-def test_versions_are_sanitised_and_values_are_json_whatever_the_class_names():
+def test_versions_are_sanitised_and_values_are_json_whatever_the_class_names(
+    redis_client, redis_prefix
+):
     version = new_version("Flow/1 *; FLUSHALL")
     assert re.fullmatch(r"[0-9T]+Z-[A-Za-z0-9_-]+", version)
 
@@ -186,14 +188,27 @@ def test_versions_are_sanitised_and_values_are_json_whatever_the_class_names():
         def predict_proba(self, x):
             return np.array([[0.9, 0.1], [0.2, 0.8]])
 
-    values = encode_predictions(
-        [LoadedModel('evil"}, "x": {"', Fixed(), "a" * 64)],
-        pd.DataFrame({"f": [1.0, 2.0]}),
-        ('neg"ative', "pos\\itive\n"),
+    store = OnlineStore(redis_client, redis_prefix)
+    evil = 'evil"}, "x": {"'
+    store.stage(
+        version,
+        {
+            "model": evil,
+            "classes": ['neg"ative', "pos\\itive\n"],
+            "key_scheme": "id",
+            "id_column": "id",
+        },
     )
-    decoded = [json.loads(v) for v in values.to_pylist()]
+    outputs = predict_all([LoadedModel(evil, Fixed(), "a" * 64)], pd.DataFrame({"f": [1.0, 2.0]}))
+    store.write(version, 0, ["r0", "r1"], outputs)
+    assert store.publish(version, 2, 1)
+    decoded = store.get_many(["r0", "r1"])
     assert [d["class"] for d in decoded] == ['neg"ative', "pos\\itive\n"]
-    assert decoded[0]["model"] == 'evil"}, "x": {"'
+    assert decoded[0]["model"] == evil
+    # The HTTP service's JSON text of each row is valid JSON saying the same.
+    layout = store.layout()
+    texts = [layout.json(redis_client.hget(*layout.locate(k))) for k in ("r0", "r1")]
+    assert [json.loads(t) for t in texts] == decoded
 
 
 def test_retire_with_a_glob_prefix_touches_only_its_own_keys(redis_client, redis_prefix):

@@ -131,43 +131,93 @@ class Layout:
 
     def prediction(self, value: bytes) -> dict[str, Any]:
         """The JSON prediction every reader returns, from a stored value."""
-        if not self.compact:
-            return json.loads(value)
-        probas = [
-            int.from_bytes(value[i : i + PROBA_BYTES], "big") / 1e6
-            for i in range(0, len(value), PROBA_BYTES)
-        ]
-        champion = self.models[0]
-        top = self._one(champion, probas[0])
-        answer = {
-            "label": top["label"],
-            "class": top["class"],
-            "proba": top["proba"],
-            "threshold": top["threshold"],
-            "model": champion.name,
-            "model_version": champion.version,
-        }
-        if len(self.models) > 1:
-            answer["models"] = {
-                m.name: self._one(m, p) for m, p in zip(self.models, probas, strict=True)
-            }
-        return answer
+        return self.predictions([value])[0]
 
-    def _one(self, model: RowModel, proba: float) -> dict[str, Any]:
-        label = int(proba >= model.threshold)
-        return {
-            "label": label,
-            "class": self.classes[label] if len(self.classes) > label else str(label),
-            "proba": proba,
-            "threshold": model.threshold,
-            "model_version": model.version,
-        }
+    def predictions(self, values: Sequence[bytes | None]) -> list[dict[str, Any] | None]:
+        """The predictions of stored values, in order (None where a row is absent).
+
+        Compact values are decoded together: numpy turns every row's 3-byte values into
+        probabilities and labels at once, then each row's dicts are built from the models'
+        constants in one comprehension per model (~5x faster than one value at a time).
+        """
+        if not self.compact:
+            return [json.loads(v) if v is not None else None for v in values]
+        present = [v for v in values if v is not None]
+        decoded = self._decode(present)
+        if len(present) == len(values):
+            return decoded  # type: ignore[return-value]
+        rows = iter(decoded)
+        return [next(rows) if v is not None else None for v in values]
+
+    def _decode(self, values: list[bytes]) -> list[dict[str, Any]]:
+        import numpy as np
+
+        models = self.models
+        width = PROBA_BYTES * len(models)
+        if any(len(v) != width for v in values):
+            bad = next(len(v) for v in values if len(v) != width)
+            raise ValueError(f"a stored row has {bad} bytes; this version's rows have {width}")
+        raw = np.frombuffer(b"".join(values), np.uint8).reshape(len(values), len(models), 3)
+        raw = raw.astype(np.uint32)
+        micro = (raw[..., 0] << 16) | (raw[..., 1] << 8) | raw[..., 2]
+        probas = micro / 1e6  # the same doubles as int / 1e6
+        labels = (probas >= np.array([m.threshold for m in models])).astype(np.int8)
+        names = [self.classes[i] if len(self.classes) > i else str(i) for i in (0, 1)]
+        champion = models[0]
+        top_name, threshold, version = champion.name, champion.threshold, champion.version
+        top_labels, top_probas = labels[:, 0].tolist(), probas[:, 0].tolist()
+        if len(models) == 1:
+            return [
+                {
+                    "label": label,
+                    "class": names[label],
+                    "proba": proba,
+                    "threshold": threshold,
+                    "model": top_name,
+                    "model_version": version,
+                }
+                for label, proba in zip(top_labels, top_probas, strict=True)
+            ]
+        columns = [
+            [
+                {
+                    "label": label,
+                    "class": names[label],
+                    "proba": proba,
+                    "threshold": m.threshold,
+                    "model_version": m.version,
+                }
+                for label, proba in zip(labels[:, j].tolist(), probas[:, j].tolist(), strict=True)
+            ]
+            for j, m in enumerate(models)
+        ]
+        order = [m.name for m in models]
+        return [
+            {
+                "label": label,
+                "class": names[label],
+                "proba": proba,
+                "threshold": threshold,
+                "model": top_name,
+                "model_version": version,
+                "models": dict(zip(order, entries, strict=True)),
+            }
+            for label, proba, entries in zip(
+                top_labels, top_probas, zip(*columns, strict=True), strict=True
+            )
+        ]
 
     def json(self, value: bytes) -> bytes:
         """The prediction as JSON text (a JSON-layout value is that already)."""
+        return self.jsons([value])[0]
+
+    def jsons(self, values: Sequence[bytes | None]) -> list[bytes | None]:
+        """`json` of many stored values (None where a row is absent), decoded together."""
         import orjson
 
-        return value if not self.compact else orjson.dumps(self.prediction(value))
+        if not self.compact:
+            return list(values)
+        return [orjson.dumps(p) if p is not None else None for p in self.predictions(values)]
 
 
 @dataclass(frozen=True)

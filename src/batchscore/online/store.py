@@ -438,7 +438,7 @@ class OnlineStore:
         for command in reads.commands:
             pipe.execute_command(*command)
         values = reads.values(pipe.execute())
-        return [layout.prediction(v) if v is not None else None for v in values]
+        return layout.predictions(values)
 
     def key_scheme(self, version: str | None = None) -> tuple[str, str | None]:
         """How the version keyed its rows: ("feature_hash", None) or ("id", id column).

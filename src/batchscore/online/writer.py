@@ -77,7 +77,7 @@ def digests(keys: pa.Array, layout: Layout) -> np.ndarray:
         joined = b"".join(hashlib.sha256(k.encode()).digest() for k in keys.to_pylist())
     else:
         valid = pc.match_substring_regex(keys, "^[0-9a-f]{64}$")
-        if not pc.all(valid).as_py():
+        if not pc.all(valid, min_count=0).as_py():  # an empty block is valid
             bad = keys.filter(pc.invert(valid))[0].as_py()
             raise ValueError(f"row key {bad!r} is not 64 hex characters (a feature hash)")
         joined = bytes.fromhex("".join(keys.to_pylist()))
@@ -170,7 +170,10 @@ class ShardWriter:
         for _, _, proba in outputs:
             if len(proba) != len(keys):
                 raise ValueError(f"{len(keys)} keys but {len(proba)} predictions")
+        # Thresholds outside [0, 1], NaN or infinite probabilities and bad keys are refused
+        # before the block touches Redis (the manifest's models included).
         models = row_models(outputs)
+        found, values = digests(keys, self.layout), probabilities(outputs)
         if self._models is None:
             self.store.record_models(self.version, models)
             self._models = models
@@ -179,8 +182,8 @@ class ShardWriter:
         if not len(keys):
             return
         self.sample.add(keys.cast(pa.string()))
-        self._digests.append(digests(keys, self.layout))
-        self._values.append(probabilities(outputs))
+        self._digests.append(found)
+        self._values.append(values)
         self._buffered += len(keys)
         if self._buffered >= self.flush_rows:
             self._flush(self._sender)

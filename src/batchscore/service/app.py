@@ -161,7 +161,7 @@ class Reader:
                 raise NoLiveVersion()
             self._seen = live
             if live == version:
-                return version, keys, [layout.json(v) if v is not None else None for v in values]
+                return version, keys, layout.jsons(values)
             version = live
         raise ApiError(503, "version_changing", "the live version kept changing; retry")
 
