@@ -217,7 +217,8 @@ def run_project(
             "read": (planned - staged) + total("read"),
             "predict": models,
             "key": total("key"),
-            "encode": total("predict") + total("encode") - models,
+            "around predict": total("predict") - models,  # frames in and out of the models
+            "profile": total("profile"),
             "write": total("write"),
             "switch": (staged - start) + (end - scored),
         },
@@ -300,7 +301,7 @@ def lookup_latency(
 # ------------------------------------------------------------------------------ report
 
 
-STAGES = ("read", "predict", "key", "encode", "write", "switch")
+STAGES = ("read", "key", "predict", "around predict", "profile", "write", "switch")
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

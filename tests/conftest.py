@@ -224,15 +224,15 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3_env(s3_endpoint: str) -> dict[str, str]:
     """Credentials and endpoint for the store and for Metaflow's S3 datastore."""
+    return _create_buckets(s3_endpoint)
+
+
+def _create_buckets(s3_endpoint: str) -> dict[str, str]:
+    """Fresh buckets for the store and Metaflow's S3 datastore on the endpoint, and the
+    environment (credentials, endpoint, URLs) that points both at them."""
     import boto3
 
-    env = {
-        "AWS_ENDPOINT_URL_S3": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    bucket_suffix = uuid.uuid4().hex[:8]
+    suffix = uuid.uuid4().hex[:8]
     client = boto3.client(
         "s3",
         endpoint_url=s3_endpoint,
@@ -240,11 +240,14 @@ def s3_env(s3_endpoint: str) -> dict[str, str]:
         aws_secret_access_key="testing",
         region_name="us-east-1",
     )
-    batch, mf = f"batch-{bucket_suffix}", f"metaflow-{bucket_suffix}"
+    batch, mf = f"batch-{suffix}", f"metaflow-{suffix}"
     client.create_bucket(Bucket=batch)
     client.create_bucket(Bucket=mf)
     return {
-        **env,
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
         "BATCHSCORE_STORE_URL": f"s3://{batch}",
         "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{mf}/metaflow",
         "METAFLOW_S3_ENDPOINT_URL": s3_endpoint,
@@ -402,31 +405,6 @@ def make_project(folder: Path) -> Path:
     shutil.copy(ROOT / "pyproject.toml", folder)
     shutil.copy(ROOT / "notebooks" / "predictions.ipynb", folder / "notebooks")
     return folder
-
-
-def _create_buckets(s3_endpoint: str) -> dict[str, str]:
-    import boto3
-
-    suffix = uuid.uuid4().hex[:8]
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    batch, mf = f"batch-{suffix}", f"metaflow-{suffix}"
-    client.create_bucket(Bucket=batch)
-    client.create_bucket(Bucket=mf)
-    return {
-        "AWS_ENDPOINT_URL_S3": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "BATCHSCORE_STORE_URL": f"s3://{batch}",
-        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{mf}/metaflow",
-        "METAFLOW_S3_ENDPOINT_URL": s3_endpoint,
-    }
 
 
 class ServiceTraining:
