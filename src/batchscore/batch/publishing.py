@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from batchscore.config import Settings
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the flow's `end` imports this module for SupersededRun: keep it light
     from batchscore.batch.bundle import ModelBundle, ModelFiles
     from batchscore.batch.report import BatchReport
     from batchscore.batch.scoring import ShardResult
     from batchscore.batch.shards import ShardPlan
+    from batchscore.config import Settings
     from batchscore.online.store import OnlineStore
 
 log = logging.getLogger(__name__)
