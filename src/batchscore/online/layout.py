@@ -225,57 +225,74 @@ class Reads:
     """The commands that read some rows of one version, and where each answer goes."""
 
     commands: list[tuple[Any, ...]]
-    positions: list[list[int]]  # per command: the requested keys its answer fills
+    positions: list[list[int]]  # per command: the requested keys its answer fills (-1: none)
     size: int
+    carries_pointer: bool = False  # the first command's first answer is the pointer
 
     def values(self, replies: Sequence[Any]) -> list[bytes | None]:
         """Stored values in request order (None: absent) from the commands' replies."""
         found: list[bytes | None] = [None] * self.size
         for reply, positions in zip(replies, self.positions, strict=True):
             for position, value in zip(positions, reply, strict=True):
-                found[position] = value
+                if position >= 0:
+                    found[position] = value
         return found
+
+    def pointer(self, replies: Sequence[Any]) -> bytes | None:
+        """The pointer's value, when `plan_reads` was given its name and had a command."""
+        if not self.carries_pointer:
+            raise ValueError("these reads did not read the pointer")
+        return replies[0][0]
 
 
 # One Redis: a slice of rows read in one short script (HGET each), instead of one command
 # per row; keys are built inside, so it cannot run on a cluster (rows span every slot).
+# ARGV: pointer (or ''), rows prefix, n, n buckets, n digests. Returns the pointer's value
+# (nil without one), then the n rows: a single-key read is one command, not a pipeline.
 _READ_SLICE_SCRIPT = """
-local n = tonumber(ARGV[2])
-local found = {}
+local n = tonumber(ARGV[3])
+local found = {ARGV[1] ~= '' and redis.call('GET', ARGV[1]) or false}
 for i = 1, n do
-  found[i] = redis.call('HGET', ARGV[1] .. ARGV[2 + i], ARGV[2 + n + i])
+  found[i + 1] = redis.call('HGET', ARGV[2] .. ARGV[3 + i], ARGV[3 + n + i])
 end
 return found
 """
 
 
 def plan_reads(
-    layout: Layout, keys: Sequence[str], slice_size: int = 1_000, scripted: bool = False
+    layout: Layout,
+    keys: Sequence[str],
+    slice_size: int = 1_000,
+    scripted: bool = False,
+    pointer: str | None = None,
 ) -> Reads:
     """How to read `keys` of one version: on one Redis (`scripted`), one short script per
     slice of `slice_size` rows (Redis serves other clients between slices); on a cluster,
     one HMGET per bucket (redis-py splits the pipeline by node). The JSON layout: MGET
-    slices (one Redis only)."""
+    slices (one Redis only). On one Redis, `pointer` (its key name) is read by the first
+    command too (`Reads.pointer`): the pointer and the rows in one command."""
     commands: list[tuple[Any, ...]] = []
     positions: list[list[int]] = []
     if not layout.compact:
         for first in range(0, len(keys), slice_size):
             part = keys[first : first + slice_size]
-            commands.append(("MGET", *(layout.rows + k for k in part)))
-            positions.append(list(range(first, first + len(part))))
-        return Reads(commands, positions, len(keys))
+            head = (pointer,) if pointer and not commands else ()
+            commands.append(("MGET", *head, *(layout.rows + k for k in part)))
+            positions.append([-1] * len(head) + list(range(first, first + len(part))))
+        return Reads(commands, positions, len(keys), bool(pointer and commands))
     located = [(i, layout.digest(k)) for i, k in enumerate(keys)]
     located = [(i, d) for i, d in located if d is not None]
     if scripted:
         for first in range(0, len(located), slice_size):
             part = located[first : first + slice_size]
             buckets = [str(int.from_bytes(d[:4], "big") % layout.buckets) for _, d in part]
+            head = pointer if pointer and not commands else ""
             commands.append(
-                ("EVAL", _READ_SLICE_SCRIPT, 0, layout.rows, len(part), *buckets)
+                ("EVAL", _READ_SLICE_SCRIPT, 0, head, layout.rows, len(part), *buckets)
                 + tuple(d for _, d in part)
             )
-            positions.append([i for i, _ in part])
-        return Reads(commands, positions, len(keys))
+            positions.append([-1] + [i for i, _ in part])
+        return Reads(commands, positions, len(keys), bool(pointer and commands))
     groups: dict[str, tuple[list[bytes], list[int]]] = {}
     for index, digest in located:
         fields, where = groups.setdefault(layout.bucket_name(digest), ([], []))

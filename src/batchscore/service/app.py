@@ -168,14 +168,25 @@ class Reader:
     async def _fetch(
         self, layout: Layout, keys: Sequence[str]
     ) -> tuple[str | None, list[bytes | None]]:
-        """The pointer and the rows in one pipeline (one round trip per node)."""
-        reads = plan_reads(layout, keys, MGET_SLICE, scripted=not self.cluster)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.store.pointer)
-        for command in reads.commands:
-            pipe.execute_command(*command)
-        pointer, *replies = await pipe.execute()
-        return (pointer.decode() if pointer is not None else None), reads.values(replies)
+        """The pointer and the rows: on one Redis in the same command (one script) for up to
+        MGET_SLICE keys, else in one pipeline (one round trip per node)."""
+        pointer = None if self.cluster else self.store.pointer  # other slot on a cluster
+        reads = plan_reads(layout, keys, MGET_SLICE, not self.cluster, pointer)
+        if reads.carries_pointer and len(reads.commands) == 1:  # the usual request
+            replies = [await self.client.execute_command(*reads.commands[0])]
+            live = reads.pointer(replies)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            if not reads.carries_pointer:
+                pipe.get(self.store.pointer)
+            for command in reads.commands:
+                pipe.execute_command(*command)
+            replies = await pipe.execute()
+            if reads.carries_pointer:
+                live = reads.pointer(replies)
+            else:
+                live, *replies = replies
+        return (live.decode() if live is not None else None), reads.values(replies)
 
     async def layout(self, version: str) -> Layout:
         """The version's layout and constants (cached once complete: a version never
