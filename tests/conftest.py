@@ -227,6 +227,31 @@ def s3_env(s3_endpoint: str) -> dict[str, str]:
     return _create_buckets(s3_endpoint)
 
 
+def execute_notebook(notebooks: Path, env: dict[str, str]) -> str:
+    """Run `notebooks/predictions.ipynb` as `jupyter nbconvert --execute` does (kernel in
+    `notebooks/`, the environment set for it); returns what its cells printed."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(notebooks / "predictions.ipynb", as_version=4)
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(
+            notebook,
+            timeout=300,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(notebooks)}},
+        ).execute()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
 def _create_buckets(s3_endpoint: str) -> dict[str, str]:
     """Fresh buckets for the store and Metaflow's S3 datastore on the endpoint, and the
     environment (credentials, endpoint, URLs) that points both at them."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import execute_notebook
 from sqlalchemy import create_engine, func, select
 
 from batchscore.online.store import OnlineStore
@@ -109,31 +110,8 @@ def project(tmp_path: Path):
 def notebook_runner():
     def execute(env: dict[str, str], project: Path) -> None:
         """Run the notebook as `jupyter nbconvert --execute` does: kernel in notebooks/."""
-        import os
-
-        import nbformat
-        from nbclient import NotebookClient
-
         notebooks = project / "notebooks"
-        notebook = nbformat.read(notebooks / "predictions.ipynb", as_version=4)
-        previous = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            NotebookClient(
-                notebook,
-                timeout=300,
-                kernel_name="python3",
-                resources={"metadata": {"path": str(notebooks)}},
-            ).execute()
-        finally:
-            for key, value in previous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        outputs = "".join(
-            o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])
-        )
+        outputs = execute_notebook(notebooks, env)
         assert "hit rate: 100.0%" in outputs, outputs[-2000:]
         # The project's home was used: no second home (and embedded Redis) in notebooks/.
         assert not (notebooks / ".batchscore").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import execute_notebook
 
 from batchscore.batch.predictions import LoadedModel
 from batchscore.online.store import OnlineStore
@@ -102,29 +103,11 @@ def test_lookup_sample_on_a_quarantined_version(quarantined, env, tmp_path):
 
 def test_notebook_on_a_quarantined_version(quarantined, env, tmp_path):
     """Executed from notebooks/, as Jupyter runs it, against the quarantined version."""
-    import nbformat
-    from nbclient import NotebookClient
-
     project = tmp_path / "project"
     (project / "notebooks").mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", project)
-    notebook = nbformat.read(ROOT / "notebooks" / "predictions.ipynb", as_version=4)
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        NotebookClient(
-            notebook,
-            timeout=300,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(project / "notebooks")}},
-        ).execute()
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    shutil.copy(ROOT / "notebooks" / "predictions.ipynb", project / "notebooks")
+    outputs = execute_notebook(project / "notebooks", env)
     assert f"{len(GOOD)} rows published" in outputs, outputs[-2000:]
     assert f"hit rate: 100.0% ({len(GOOD)} of {len(GOOD)} rows" in outputs
     # The stored labels are the true ones: only labels lined up with the rows give 1.0.
