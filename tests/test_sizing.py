@@ -54,16 +54,12 @@ def test_a_cpu_limit_below_the_affinity_mask_wins(local, monkeypatch):
     assert sizing.machine_cores() == len(os.sched_getaffinity(0))
 
 
-def test_one_shard_per_core_when_the_rows_fit(local):
-    assert sizing.default_shard_rows(1_000_000, 30, cores=2) == 500_000
-    assert sizing.default_shard_rows(569, 30, cores=2) == 285
-    assert sizing.default_shard_rows(1, 30, cores=8) == 1
-
-
 def test_shards_stay_small_enough_to_hold(local):
+    # Locally the plan is one shard per core (tests/test_flows.py); where shards are sized
+    # for memory, whatever the row count, each holds at most SHARD_FEATURE_BYTES of features.
     most = sizing.SHARD_FEATURE_BYTES // (8 * 300)
-    assert sizing.default_shard_rows(100_000_000, 300, cores=2) == most
-    assert sizing.default_shard_rows(None, 300, cores=2) == most  # row count unknown (CSV)
+    assert sizing.shard_rows_for_memory(300) == most
+    assert sizing.shard_rows_for_memory(0) == sizing.SHARD_FEATURE_BYTES // 8
 
 
 def test_threads_split_the_cores_between_concurrent_tasks(local):
@@ -91,7 +87,7 @@ def test_in_a_pod_a_task_takes_the_cpu_its_step_asks_for(monkeypatch):
     assert sizing.step_cores(_Flow(), "batch_processing") == 4
     assert sizing.scoring_threads(shards=50, cores=4) == 4  # one pod per shard
     # Shards are sized for memory: the cluster runs them side by side.
-    assert sizing.default_shard_rows(1_000_000, 30, cores=1) == sizing.SHARD_FEATURE_BYTES // 240
+    assert sizing.shard_rows_for_memory(30) == sizing.SHARD_FEATURE_BYTES // 240
 
 
 def test_locally_the_decorators_do_not_count(local):

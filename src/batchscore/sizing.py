@@ -78,13 +78,10 @@ def step_cores(flow: Any = None, step_name: str | None = None) -> int:
     return machine_cores()
 
 
-def default_shard_rows(rows: int | None, features: int, cores: int) -> int:
-    """Rows per shard when the user gives none: one shard per core, each small enough to
-    hold in memory. Row count unknown (CSV), or tasks on a cluster: the memory bound only."""
-    most = max(1, SHARD_FEATURE_BYTES // (8 * max(1, features)))
-    if rows is None or remote():
-        return most
-    return max(1, min(most, math.ceil(rows / max(1, cores))))
+def shard_rows_for_memory(features: int) -> int:
+    """Rows per shard where shards are sized for memory (on a cluster, a pod each): at most
+    `SHARD_FEATURE_BYTES` of float64 features."""
+    return max(1, SHARD_FEATURE_BYTES // (8 * max(1, features)))
 
 
 def scoring_threads(shards: int, cores: int, override: int | None = None) -> int:

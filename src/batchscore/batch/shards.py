@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from batchscore.config import Settings
 from batchscore.rows.errors import InputError
-from batchscore.sizing import SHARD_FEATURE_BYTES, machine_cores, remote
+from batchscore.sizing import machine_cores, remote, shard_rows_for_memory
 from batchscore.storage.sources import SourceFile
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def plan_shards(
     if max_tasks is None and shard_rows is None and not remote():
         max_tasks = cores
     if shard_rows is None:
-        per_task = max(1, SHARD_FEATURE_BYTES // (8 * max(1, len(feature_columns))))
+        per_task = shard_rows_for_memory(len(feature_columns))
         parts = math.ceil(total / per_task) if remote() else max(1, max_tasks or cores)
     else:
         parts = math.ceil(total / shard_rows)
