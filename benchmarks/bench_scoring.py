@@ -44,11 +44,11 @@ from workload import flush, peak_rss_mib, run_naive, train_bundle, write_rows
 from batchscore.batch.bundle import ModelBundle
 from batchscore.batch.predictions import LoadedModel, predict_all
 from batchscore.batch.publishing import stage
-from batchscore.batch.scoring import score_shard
+from batchscore.batch.scoring import SeenKeys, score_shard
 from batchscore.batch.shards import Shard, plan_shards, read_shard
 from batchscore.config import Settings
 from batchscore.online.store import OnlineStore, ttl_seconds
-from batchscore.rows.keys import first_occurrences, hash_rows
+from batchscore.rows.keys import hash_rows
 from batchscore.sizing import machine_cores, scoring_threads
 from batchscore.versions import new_version
 
@@ -147,7 +147,7 @@ def warm_up(bundle: ModelBundle) -> float:
         ).shards:
             list(read_shard(shard, with_store))
     predict_all(bundle.models, frame)
-    first_occurrences(hash_rows(frame.to_numpy()))
+    SeenKeys().first(hash_rows(frame.to_numpy()))
     time.sleep(0.5)  # keeps this worker busy so that the pool starts every worker
     return peak_rss_mib()
 

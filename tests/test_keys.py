@@ -10,10 +10,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from batchscore.batch.scoring import SeenKeys
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import (
     feature_bytes,
-    first_occurrences,
     hash_rows,
     id_keys,
     row_key,
@@ -127,12 +127,6 @@ def test_hash_rows_is_row_keys_as_an_arrow_array():
     assert len(hash_rows(np.empty((0, 4)))) == 0
 
 
-def test_first_occurrences_marks_each_keys_first_row():
-    assert first_occurrences(pa.array(["a", "b", "c"])) is None
-    mask = first_occurrences(pa.array(["a", "b", "a", "c", "b", "a"]))
-    assert mask.tolist() == [True, True, False, True, False, False]
-
-
 def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, redis_client):
     """Arrow `string` holds at most 2 GiB of text: 64-byte keys wrap its int32 offsets past
     ~33.5M rows in one call. The limit is lowered here so that 101 rows cross it."""
@@ -146,7 +140,7 @@ def test_hash_rows_past_the_int32_offset_limit_gives_large_strings(monkeypatch, 
     keys = hash_rows(matrix)
     assert keys.type == pa.large_string()
     assert keys.to_pylist() == expected
-    assert first_occurrences(keys) is None
+    assert SeenKeys().first(keys) is None  # the shard's repeat filter reads them too
 
     # Such keys go through the batch path's writer unchanged.
     store = OnlineStore(redis_client, prefix="t")

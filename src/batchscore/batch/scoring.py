@@ -192,7 +192,8 @@ def _fingerprints(keys: pa.Array, hashed: bool) -> tuple[np.ndarray, np.ndarray]
 
     if hashed and len(keys):
         text = np.frombuffer(keys.buffers()[2], np.uint8)
-        first = np.frombuffer(keys.buffers()[1], np.int32, 1, 4 * keys.offset)[0]
+        width = 8 if pa.types.is_large_string(keys.type) else 4  # offsets' bytes
+        first = np.frombuffer(keys.buffers()[1], f"<i{width}", 1, width * keys.offset)[0]
         hexed = text[first : first + 64 * len(keys)].reshape(-1, 64)[:, :32]
         raw = binascii.unhexlify(hexed.tobytes())
     else:

@@ -76,17 +76,6 @@ def row_keys(features: np.ndarray | pd.DataFrame) -> list[str]:
     return hash_rows(features).to_pylist()
 
 
-def first_occurrences(keys: pa.Array) -> np.ndarray | None:
-    """Mask of each key's first row, or None when no key repeats (the usual case)."""
-    unique = pc.unique(keys)
-    if len(unique) == len(keys):
-        return None
-    codes = pc.index_in(keys, value_set=unique).to_numpy()
-    mask = np.zeros(len(keys), dtype=bool)
-    mask[np.unique(codes, return_index=True)[1]] = True
-    return mask
-
-
 def row_key(values: Sequence[float]) -> str:
     """The key of one row of raw feature values, in training order."""
     return row_keys(np.asarray([values], dtype="float64"))[0]
