@@ -265,6 +265,7 @@ def test_a_repeated_key_is_new_only_the_first_time_across_blocks():
     import pyarrow as pa
 
     from batchscore.batch.scoring import SeenKeys
+    from batchscore.rows.keys import feature_digests
 
     seen = SeenKeys()
     assert seen.first(pa.array(["007", "008", "007"]), hashed=False).tolist() == [1, 1, 0]
@@ -274,6 +275,8 @@ def test_a_repeated_key_is_new_only_the_first_time_across_blocks():
     features = np.arange(60.0).reshape(30, 2)
     keys = pa.array(row_keys(features))
     assert seen.first(keys) is None  # feature keys: the usual case, nothing repeats
+    # The batch's raw digests are the same keys as their hex text.
+    assert seen.first(feature_digests(features[:3])).tolist() == [False] * 3
     for _ in range(5):  # runs merge as they grow; every earlier key is still found
         assert seen.first(pa.array(row_keys(features[::-1]))).tolist() == [False] * 30
         assert seen.first(pa.array(row_keys(np.random.default_rng().random((40, 2))))) is None

@@ -582,6 +582,35 @@ def test_writer_streams_blocks_and_counts_the_shard_once(store):
     assert store.get("b3r24")["label"] == 1
 
 
+def test_feature_digests_write_what_hex_keys_write(store):
+    """The batch hands the writer raw SHA-256 digests (no hex text per row): the rows,
+    the sampled keys publish checks and every read are the same as from hex keys."""
+    from batchscore.rows.keys import feature_digests
+
+    rows = np.random.default_rng(7).normal(size=(3_000, 4))
+    keys = row_keys(rows)
+    proba = np.random.default_rng(8).random(3_000)
+    outputs = [(_model("svc", 0.4), (proba >= 0.4).astype(int), proba)]
+    contents = []
+    for minute, given in ((0, pa.array(keys)), (1, feature_digests(rows))):
+        version = _version(minute)
+        store.stage(version, {**META, "key_scheme": "feature_hash"}, expected_rows=3_000)
+        with store.writer(version, 0) as writer:
+            writer.write(given, outputs)
+        sample = json.loads(store.manifest_field(version, "sample:0"))
+        assert len(sample) == 1_025 and keys[-1] in sample and set(sample) <= set(keys)
+        assert store.publish(version, 3_000, 1)
+        layout = store.layout(version)
+        buckets = [store.client.hgetall(f"{layout.rows}{b}") for b in range(layout.buckets)]
+        contents.append(buckets)
+        assert store.get(keys[1234])["proba"] == round(float(proba[1234]), 6)
+    assert contents[0] == contents[1]
+    version = _version(2)
+    store.stage(version, {**META, "key_scheme": "feature_hash"})
+    with pytest.raises(ValueError, match="n x 32 bytes"), store.writer(version, 0) as writer:
+        writer.write(np.zeros((2, 16), np.uint8), _scored([_value(1)] * 2))
+
+
 def test_a_writer_that_fails_midway_is_never_counted(store):
     version = _version(0)
     store.stage(version, META)

@@ -69,7 +69,7 @@ def score_shard(
     from batchscore.online.errors import SupersededError
     from batchscore.online.store import OnlineStore
     from batchscore.rows.errors import InputError
-    from batchscore.rows.keys import hash_rows
+    from batchscore.rows.keys import feature_digests
 
     clock = _Clock()
     online = online or OnlineStore.from_settings(settings)
@@ -100,13 +100,13 @@ def score_shard(
                     block = features.to_pandas()
                     if checked.ids is not None:
                         keys = checked.ids.slice(start, SCORE_BLOCK_ROWS)
-                    else:
-                        keys = hash_rows(block.to_numpy())
+                    else:  # raw digests: Redis stores the 32 bytes, nobody reads the hex
+                        keys = feature_digests(block.to_numpy())
                     first = seen.first(keys, hashed=checked.ids is None)
                     result.rows_scored += len(block)
                     if first is not None:
                         result.duplicates += len(keys) - int(first.sum())
-                        keys = keys.filter(first)
+                        keys = keys[first] if checked.ids is None else keys.filter(first)
                         block = block.loc[first].reset_index(drop=True)
                     clock.lap("key")
                     if not len(block):
@@ -151,9 +151,10 @@ class SeenKeys:
     def __init__(self) -> None:
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (high, low) sorted by high
 
-    def first(self, keys: pa.Array, hashed: bool = True) -> np.ndarray | None:
+    def first(self, keys: pa.Array | np.ndarray, hashed: bool = True) -> np.ndarray | None:
         """Mask of the rows whose key is new (first in the block, unseen before), or None
-        when every key is new (the usual case). `hashed`: keys are `hash_rows` output."""
+        when every key is new (the usual case). `keys`: `feature_digests` output, or text
+        (`hashed`: `hash_rows` output, else ids)."""
         high, low = _fingerprints(keys, hashed)
         # Sorted (stably: the first of equal keys stays first), repeats in the block are
         # neighbours, and numpy's search is much faster on sorted needles.
@@ -184,13 +185,15 @@ class SeenKeys:
         return mask
 
 
-def _fingerprints(keys: pa.Array, hashed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Two uint64 halves of a 128-bit fingerprint per key: for a feature key (hex SHA-256)
-    its first 32 hex digits, for an id its BLAKE2b-128."""
+def _fingerprints(keys: pa.Array | np.ndarray, hashed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint64 halves of a 128-bit fingerprint per key: for a feature key (SHA-256) its
+    first 16 bytes (32 hex digits), for an id its BLAKE2b-128."""
     import binascii
     import hashlib
 
-    if hashed and len(keys):
+    if isinstance(keys, np.ndarray):
+        raw = np.ascontiguousarray(keys[:, :16]).tobytes()
+    elif hashed and len(keys):
         text = np.frombuffer(keys.buffers()[2], np.uint8)
         width = 8 if pa.types.is_large_string(keys.type) else 4  # offsets' bytes
         first = np.frombuffer(keys.buffers()[1], f"<i{width}", 1, width * keys.offset)[0]

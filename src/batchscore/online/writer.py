@@ -39,12 +39,22 @@ class KeySample:
         self._last: str | None = None
         self._random = np.random.default_rng()
 
-    def add(self, keys: pa.StringArray) -> None:
+    def add(self, keys: pa.StringArray | np.ndarray) -> None:
+        """A block's keys: text, or `feature_digests` rows (only the kept few are hexed)."""
         if not len(keys):
             return
+        drawn = self._random.random(len(keys))
+        if isinstance(keys, np.ndarray):
+            from batchscore.rows.keys import hex_keys
+
+            last = len(keys) - 1
+            # Only the block's `size` lowest priorities can enter the sample, plus the last.
+            low = np.argpartition(drawn, self.size)[: self.size] if last >= self.size else None
+            keep = np.union1d(low, [last]) if low is not None else np.arange(len(keys))
+            keys, drawn = hex_keys(keys[keep]), drawn[keep]
         self._last = keys[len(keys) - 1].as_py()
-        pool = pa.concat_arrays([self._keys, keys])
-        priority = np.concatenate([self._priority, self._random.random(len(keys))])
+        pool = pa.concat_arrays([self._keys, keys.cast(pa.string())])
+        priority = np.concatenate([self._priority, drawn])
         if len(pool) > self.size:
             keep = np.argpartition(priority, self.size)[: self.size]
             pool, priority = pool.take(pa.array(keep)), priority[keep]
@@ -69,8 +79,15 @@ def _strings(items: pa.Array | Sequence[str], what: str) -> pa.Array:
     return items
 
 
-def digests(keys: pa.Array, layout: Layout) -> np.ndarray:
-    """The rows' 32-byte digests (n x 32 uint8): the hex row key's bytes, or SHA-256(id)."""
+def digests(keys: pa.Array | np.ndarray, layout: Layout) -> np.ndarray:
+    """The rows' 32-byte digests (n x 32 uint8): the hex row key's bytes, or SHA-256(id).
+    `feature_digests` output (the batch's feature keys) is taken as it is."""
+    if isinstance(keys, np.ndarray):
+        if layout.key_scheme == "id":
+            raise ValueError("an id-keyed version takes ids, not feature digests")
+        if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32:
+            raise ValueError(f"feature digests must be n x 32 bytes, not {keys.dtype} {keys.shape}")
+        return keys
     if layout.key_scheme == "id":
         import hashlib
 
@@ -162,11 +179,14 @@ class ShardWriter:
         if kind is None:
             self._record()
 
-    def write(self, row_keys: pa.Array | Sequence[str], outputs: Sequence[Scored]) -> None:
-        """Queue these rows: their keys and `predict_all`'s outputs (champion first)."""
+    def write(
+        self, row_keys: pa.Array | Sequence[str] | np.ndarray, outputs: Sequence[Scored]
+    ) -> None:
+        """Queue these rows: their keys (text, or `feature_digests` rows) and
+        `predict_all`'s outputs (champion first)."""
         if self._sender is None:
             raise RuntimeError("use the writer as a context manager: `with store.writer(...)`")
-        keys = _strings(row_keys, "row keys")
+        keys = row_keys if isinstance(row_keys, np.ndarray) else _strings(row_keys, "row keys")
         for _, _, proba in outputs:
             if len(proba) != len(keys):
                 raise ValueError(f"{len(keys)} keys but {len(proba)} predictions")
@@ -181,7 +201,7 @@ class ShardWriter:
             raise ValueError("every block of a version must come from the same models")
         if not len(keys):
             return
-        self.sample.add(keys.cast(pa.string()))
+        self.sample.add(keys)
         self._digests.append(found)
         self._values.append(values)
         self._buffered += len(keys)
@@ -204,9 +224,9 @@ class ShardWriter:
         order = np.argsort(bucket, kind="stable")
         bucket = bucket[order]
         width = values.shape[1]
-        fields_bytes, values_bytes = found[order].tobytes(), values[order].tobytes()
-        fields = [fields_bytes[i : i + 32] for i in range(0, len(fields_bytes), 32)]
-        texts = [values_bytes[i : i + width] for i in range(0, len(values_bytes), width)]
+        # One bytes object per row and column, made in C by viewing each row as one item.
+        fields = found[order].view(np.dtype((np.void, 32))).ravel().tolist()
+        texts = values[order].view(np.dtype((np.void, width))).ravel().tolist()
         starts = np.flatnonzero(np.diff(bucket, prepend=-1)).tolist() + [len(bucket)]
         pipe = self.store.client.pipeline(transaction=False)
         sizes = []
