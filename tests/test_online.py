@@ -598,7 +598,8 @@ def test_feature_digests_write_what_hex_keys_write(store):
         with store.writer(version, 0) as writer:
             writer.write(given, outputs)
         sample = json.loads(store.manifest_field(version, "sample:0"))
-        assert len(sample) == 1_025 and keys[-1] in sample and set(sample) <= set(keys)
+        assert len(sample) in (1_024, 1_025)  # 1,024 drawn, plus the last if not drawn
+        assert keys[-1] in sample and set(sample) <= set(keys)
         assert store.publish(version, 3_000, 1)
         layout = store.layout(version)
         buckets = [store.client.hgetall(f"{layout.rows}{b}") for b in range(layout.buckets)]
