@@ -31,7 +31,8 @@ SCORE_BLOCK_ROWS = 50_000  # rows per predict call and Redis hand-off inside a s
 class ShardResult:
     shard: int
     rows_scored: int  # rows read that passed the row check
-    keys_written: int
+    keys_written: int  # rows Redis acknowledged (the switch checks them); the version's
+    # distinct keys, with repeats across shards, are counted at the join (`publish`)
     duplicates: int = 0  # rows whose key repeated an earlier row's in the shard: written once
     seconds: dict[str, float] = field(default_factory=dict)
     threads: int | None = None  # the cap on the models' thread pools (None: none)

@@ -1,5 +1,10 @@
 """The streaming writer: one shard's scored rows into a staged version, in the compact
-layout (`layout.py`): rows grouped by bucket, one HSET per bucket, a pipeline at a time."""
+layout (`layout.py`): rows grouped by bucket, one command per bucket, a pipeline at a time.
+
+A feature-hash version gets a plain HSET per bucket. An id-keyed version gets a short script
+per bucket (`scripts/first_wins.lua`) instead: the same id may come with other features in
+another shard, and across shards the first row in input order must win whichever shard
+task writes last."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchscore.online.errors import PublishError
-from batchscore.online.layout import PROBA_BYTES, Layout, RowModel
+from batchscore.online.layout import PROBA_BYTES, Layout, RowModel, owner_name
 
 if TYPE_CHECKING:
     from batchscore.batch.predictions import Scored
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_ROWS = 250_000  # rows per pipeline: ~4 rows per bucket and HSET at 1M rows a version
 SAMPLE_KEYS = 1_024  # keys per shard checked with EXISTS before the switch
+OWNER_TTL = 7 * 86_400  # owner hashes of a version without a TTL: gone even if never dropped
 
 
 class KeySample:
@@ -99,6 +105,12 @@ def probabilities(outputs: Sequence[Scored]) -> np.ndarray:
     return np.ascontiguousarray(np.hstack(columns))
 
 
+def _no_script(reply: Any) -> bool:
+    import redis
+
+    return isinstance(reply, redis.exceptions.NoScriptError)
+
+
 def row_models(outputs: Sequence[Scored]) -> list[RowModel]:
     models = []
     for model, _, _ in outputs:
@@ -115,11 +127,13 @@ class ShardWriter:
     Rows are buffered up to `FLUSH_ROWS`, grouped by bucket and sent as one HSET per
     bucket (with an EXPIRE when the version has a TTL), packed by hiredis and executed on
     a background thread, so that Redis stores one batch while the caller scores the next.
-    On a cluster the pipeline is split by node. A dropped connection is retried under the
-    client's policy by resending the whole pipeline (HSET is idempotent). On a clean exit
-    the writer flushes, waits for the last pipeline, checks that every row was
-    acknowledged, and only then records the shard's count, so a shard that died midway is
-    never counted.
+    An id-keyed version's buckets go through `first_wins.lua` instead (the shard number
+    decides which row of a repeated id stays). On a cluster the pipeline is split by node.
+    A dropped connection is retried under the client's policy by resending the whole
+    pipeline (HSET is idempotent, and the script leaves a shard's own fields as they are).
+    On a clean exit the writer flushes, waits for the last pipeline, checks that
+    every row was acknowledged, and only then records the shard's count, so a shard that
+    died midway is never counted.
     """
 
     def __init__(
@@ -142,12 +156,17 @@ class ShardWriter:
         self._sender: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None  # the previous batch's pipeline
         self.sample = KeySample()  # checked by `OnlineStore.verify` before the switch
+        self._script: str | None = None  # the SHA of `first_wins.lua` (id-keyed versions)
 
     def __enter__(self) -> ShardWriter:
         layout = self.store.layout(self.version)
         if layout is None or not layout.compact:
             raise PublishError(f"version {self.version} is not staged (discarded, or never opened)")
         self.layout = layout
+        if layout.owned:
+            if not str(self.shard).isdigit():
+                raise ValueError(f"shard {self.shard!r}: an id-keyed version's shards are numbered")
+            self._script = self.store.load_first_wins()
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
         return self
 
@@ -193,12 +212,15 @@ class ShardWriter:
             return
         found, values = np.vstack(self._digests), np.vstack(self._values)
         self._digests, self._values, self._buffered = [], [], 0
-        pipe, sizes = self._pipeline(found, values)
+        commands, sizes = self._commands(found, values)
         self._wait()
         self.sent += len(found)
-        self._in_flight = sender.submit(self._execute, pipe, sizes)
+        self._in_flight = sender.submit(self._execute, commands, sizes)
 
-    def _pipeline(self, found: np.ndarray, values: np.ndarray) -> tuple[Any, list[int]]:
+    def _commands(
+        self, found: np.ndarray, values: np.ndarray
+    ) -> tuple[list[tuple[Any, ...]], list[int]]:
+        """One command per bucket (and its EXPIRE), with the rows each acknowledges."""
         layout = self.layout
         bucket = np.ascontiguousarray(found[:, :4]).view(">u4").ravel() % layout.buckets
         order = np.argsort(bucket, kind="stable")
@@ -208,25 +230,44 @@ class ShardWriter:
         fields = [fields_bytes[i : i + 32] for i in range(0, len(fields_bytes), 32)]
         texts = [values_bytes[i : i + width] for i in range(0, len(values_bytes), width)]
         starts = np.flatnonzero(np.diff(bucket, prepend=-1)).tolist() + [len(bucket)]
-        pipe = self.store.client.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         sizes = []
+        owned = self._script is not None
+        head = (int(self.shard), self.ttl or 0, self.ttl or OWNER_TTL) if owned else ()
         for first, last in zip(starts[:-1], starts[1:], strict=True):
             name = f"{layout.rows}{bucket[first]}"
             pairs: list[bytes] = [None] * (2 * (last - first))  # type: ignore[list-item]
             pairs[0::2], pairs[1::2] = fields[first:last], texts[first:last]
-            pipe.execute_command("HSET", name, *pairs)
             sizes.append(last - first)
+            if owned:  # the script sets both TTLs itself
+                commands.append(("EVALSHA", self._script, 2, name, owner_name(name), *head, *pairs))
+                continue
+            commands.append(("HSET", name, *pairs))
             if self.ttl:
-                pipe.execute_command("EXPIRE", name, self.ttl)
+                commands.append(("EXPIRE", name, self.ttl))
                 sizes.append(0)
-        return pipe, sizes
+        return commands, sizes
 
-    def _execute(self, pipe: Any, sizes: list[int]) -> None:
-        for size, reply in zip(sizes, pipe.execute(raise_on_error=False), strict=True):
+    def _execute(self, commands: list[tuple[Any, ...]], sizes: list[int]) -> None:
+        replies = self._send(commands)
+        lost = [i for i, reply in enumerate(replies) if _no_script(reply)]
+        if lost:  # a node restarted or failed over since the script was loaded: once more
+            self._script = self.store.load_first_wins()
+            again = [("EVALSHA", self._script, *commands[i][2:]) for i in lost]
+            for i, reply in zip(lost, self._send(again), strict=True):
+                replies[i] = reply
+        for size, reply in zip(sizes, replies, strict=True):
             if isinstance(reply, Exception):
                 log.warning("Redis refused a write: %s", reply)
             else:  # HSET answers how many fields were new: a replayed one counts too
                 self.landed += size
+
+    def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline (split by node on a cluster), packed by hiredis; errors as replies."""
+        pipe = self.store.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
 
     def _wait(self) -> None:
         if self._in_flight is not None:
