@@ -16,6 +16,7 @@ from batchscore.batch.publishing import publish, stage
 from batchscore.batch.scoring import SCORE_BLOCK_ROWS, score_shard
 from batchscore.batch.shards import plan_shards
 from batchscore.online.errors import PublishError
+from batchscore.online.layout import owner_name
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
@@ -277,3 +278,107 @@ def test_a_repeated_key_is_new_only_the_first_time_across_blocks():
     for _ in range(5):  # runs merge as they grow; every earlier key is still found
         assert seen.first(pa.array(row_keys(features[::-1]))).tolist() == [False] * 30
         assert seen.first(pa.array(row_keys(np.random.default_rng().random((40, 2))))) is None
+
+
+# ------------------------------------- repeated keys across shards: first in input order
+
+
+def _three_shards(tmp_path, frame: pd.DataFrame, settings):
+    """`frame` as a Parquet file planned into shards of 10 rows: 0-9, 10-19, 20-29."""
+    path = tmp_path / "repeats.parquet"
+    frame.to_parquet(path, index=False)
+    plan = plan_shards(path.as_uri(), COLUMNS, 10, "Flow/repeats", settings)
+    assert [[(p.start, p.end) for p in s.pieces] for s in plan.shards] == [
+        [(0, 10)], [(10, 20)], [(20, 30)],
+    ]  # fmt: skip
+    return path.as_uri(), plan
+
+
+def _score_and_publish(uri, plan, settings, reverse: bool):
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    version = new_version("Flow/repeats")
+    stage(version, "Flow/repeats", uri, bundle, settings, expected_rows=30)
+    shards = plan.shards[::-1] if reverse else plan.shards
+    results = sorted(
+        (score_shard(s.index, s, bundle, version, settings) for s in shards),
+        key=lambda r: r.shard,
+    )
+    return version, publish("Flow/repeats", version, results, uri, bundle, settings, plan=plan)
+
+
+def test_shards_are_numbered_in_input_order(tmp_path, settings_for):
+    # Files in name order (whatever order they were written in), ranges in file order,
+    # consecutive pieces per shard: shard i's rows all come before shard i + 1's.
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for name in ("part-2", "part-0", "part-1"):
+        frame = pd.DataFrame({"a": np.arange(1.0, 11.0), "b": np.full(10, 2.0)})
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    for shard_rows, max_tasks in ((4, None), (3, 4), (None, 2)):
+        plan = plan_shards(
+            str(folder), COLUMNS, shard_rows, "Flow/1", settings, max_tasks=max_tasks
+        )
+        order = [(p.file.uri, p.start) for shard in plan.shards for p in shard.pieces]
+        assert order == sorted(order) and len(plan.shards) > 1
+        assert [s.index for s in plan.shards] == list(range(len(plan.shards)))
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("reverse", [False, True], ids=["in order", "reversed"])
+def test_an_id_in_two_shards_gets_its_first_row_whichever_shard_writes_last(
+    tmp_path, redis_url, redis_prefix, redis_client, settings_for, reverse
+):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+            "BATCHSCORE_ID_COLUMN": "customer",
+        }
+    )
+    ids = [f"c{i:02d}" for i in range(30)]
+    ids[24] = "c00"  # row 25 (shard 2) repeats row 1's id (shard 0), with other features
+    ids[7] = "c05"  # a repeat within shard 0
+    ids[12] = "c28"  # row 13 (shard 1) comes before row 29 (shard 2)
+    frame = pd.DataFrame({"customer": ids, "a": np.arange(1.0, 31.0), "b": np.full(30, 3.0)})
+    uri, plan = _three_shards(tmp_path, frame, settings)
+
+    version, result = _score_and_publish(uri, plan, settings, reverse)
+
+    assert result.published
+    assert (result.rows_scored, result.keys_written) == (30, 27)
+    assert result.report.duplicates == 3 and result.report.keys_written == 27
+    online = OnlineStore.from_settings(settings)
+    found = {k: online.get(k)["proba"] for k in ("c00", "c05", "c28")}
+    assert found == {"c00": 0.25, "c05": round(6 / 9, 6), "c28": round(13 / 16, 6)}
+    assert online.status()["keys"] == 27
+    layout = online.layout(version)
+    assert not redis_client.exists(*(owner_name(n) for n in layout.bucket_names()))
+    from batchscore.storage.tracking import Tracker
+
+    with Tracker(settings.resolved_database_url) as tracker:
+        (run,) = tracker.batch_history(1)
+    assert (run["keys_written"], run["duplicates"], run["rows_scored"]) == (27, 3, 30)
+
+
+@pytest.mark.services
+def test_a_feature_row_repeated_across_shards_is_counted_once(
+    tmp_path, redis_url, redis_prefix, settings_for
+):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        }
+    )
+    frame = pd.DataFrame({"a": np.arange(1.0, 31.0), "b": np.full(30, 3.0)})
+    frame.loc[24] = frame.loc[0]  # shard 2 repeats shard 0's first row
+    frame.loc[15] = frame.loc[11]  # and shard 1 one of its own
+    uri, plan = _three_shards(tmp_path, frame, settings)
+    _, result = _score_and_publish(uri, plan, settings, reverse=True)
+    assert result.published
+    assert (result.rows_scored, result.keys_written, result.report.duplicates) == (30, 28, 2)
