@@ -58,6 +58,7 @@ UNUSABLE = ("rolled back", "retired")  # statuses rollback never restores
 
 
 READ_SLICE = 1_000  # rows per read command: Redis serves other clients between slices
+COUNT_SLICE = 1_000  # buckets counted per script call (~0.3 ms of Redis's time)
 SAFE_POLICY = "noeviction"
 _SCRIPTS = resources.files("batchscore.online") / "scripts"
 
@@ -107,6 +108,7 @@ class OnlineStore:
         self._retire = client.register_script(_script("retire"))
         self._migrate = client.register_script(_script("migrate"))
         self._first_wins = client.register_script(_script("first_wins"))
+        self._count_keys = client.register_script(_script("count_keys"))
         self._layouts: dict[str, Layout] = {}  # published versions never change
         # How versions that predate the manifest's `key_scheme` were keyed: the settings say.
         self.legacy_id_column = legacy_id_column
@@ -254,22 +256,25 @@ class OnlineStore:
         return self.client.script_load(self._first_wins.script)
 
     def key_count(self, version: str) -> int | None:
-        """The distinct keys the version holds (None: it is gone): one HLEN per bucket,
-        pipelined. Exact whatever the shards wrote twice (repeats, replays, retried tasks),
-        where the shards' acknowledged rows are not."""
+        """The distinct keys the version holds (None: it is gone), from its buckets' sizes:
+        exact whatever the shards wrote twice (repeats, replayed pipelines, retried tasks),
+        where the rows they acknowledged are not. On one Redis a short script sums
+        COUNT_SLICE buckets at a time (Redis serves other clients between slices); on a
+        cluster, one HLEN per bucket, pipelined by node."""
         layout = self.layout(version)
         if layout is None:
             return None
         if not layout.compact:
             return self.row_count(version)
-        total = 0
-        names = layout.bucket_names()
-        for first in range(0, len(names), SCAN_COUNT):
-            pipe = self.client.pipeline(transaction=False)
-            for name in names[first : first + SCAN_COUNT]:
+        pipe = self.client.pipeline(transaction=False)
+        if self.cluster:
+            for name in layout.bucket_names():
                 pipe.hlen(name)
-            total += sum(pipe.execute())
-        return total
+        else:
+            for first in range(0, layout.buckets, COUNT_SLICE):
+                last = min(first + COUNT_SLICE, layout.buckets) - 1
+                self._count_keys(args=[layout.rows, first, last], client=pipe)
+        return sum(pipe.execute())
 
     def drop_owners(self, version: str, layout: Layout | None = None) -> int:
         """Delete an id-keyed version's staging-only owner hashes (once its shards are
