@@ -9,8 +9,10 @@ them, into `--redis-url` (default db 12, its keys under `benchrepeats` deleted a
 run): an id-keyed version (`first_wins.lua` per bucket, owner hashes beside the buckets)
 and a feature-hash one (plain HSET). Scores are random (the writer's cost does not depend
 on them). Then what `ingest_redis` adds: `key_count` (one HLEN per bucket, pipelined) and
-`drop_owners` (pipelined UNLINKs). Printed: medians of rows/s and seconds, and the Redis
-memory the owner hashes hold while the version is staged.
+`drop_owners` (pipelined UNLINKs). Printed: medians of rows/s, of the write's CPU seconds
+(this process plus the Redis server, INFO cpu: steadier than wall time on a busy machine;
+use a Redis of your own, since INFO counts every client's work) and of the join's seconds,
+and the Redis memory the owner hashes hold while the version is staged.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def _used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def _cpu(client: redis.Redis) -> float:
+    server = client.info("cpu")
+    return time.process_time() + float(server["used_cpu_user"]) + float(server["used_cpu_sys"])
+
+
 def measure(args: argparse.Namespace, scheme: str) -> dict[str, float]:
     client = redis.Redis.from_url(args.redis_url)
     store = OnlineStore(client, PREFIX)
@@ -51,16 +58,19 @@ def measure(args: argparse.Namespace, scheme: str) -> dict[str, float]:
     meta = {"model": "m", "classes": ["n", "y"], "key_scheme": scheme}
     if scheme == "id":
         meta["id_column"] = "customer"
-    runs: dict[str, list[float]] = {"write": [], "count": [], "drop": [], "owners_mib": []}
+    runs: dict[str, list[float]] = {
+        "write": [], "cpu": [], "count": [], "drop": [], "owners_mib": [],
+    }  # fmt: skip
     for i in range(args.repeat):
         version = new_version(f"BenchRepeats/{i}")
         store.stage(version, meta, expected_rows=args.rows)
-        started = time.perf_counter()
+        started, used = time.perf_counter(), _cpu(client)
         with store.writer(version, 0) as writer:
             for first in range(0, args.rows, SCORE_BLOCK_ROWS):
                 part = proba[first : first + SCORE_BLOCK_ROWS]
                 writer.write(keys.slice(first, len(part)), [(model, (part >= 0.5) * 1, part)])
         runs["write"].append(time.perf_counter() - started)
+        runs["cpu"].append(_cpu(client) - used)
         if hasattr(store, "key_count"):  # absent before the rule: nothing counted at the join
             started = time.perf_counter()
             counted = store.key_count(version)
@@ -88,13 +98,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     print(f"\n**{args.rows:,} rows, one shard, median of {args.repeat}**\n")
-    print("| key scheme | write rows/s | key_count s | drop_owners s | owner hashes MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| key scheme | write rows/s | write CPU s | key_count s | drop_owners s | owners MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for scheme in args.schemes:
         r = measure(args, scheme)
         cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("count", "drop")]
         owners = f"{r['owners_mib']:.0f}" if "owners_mib" in r else "-"
-        print(f"| {scheme} | {args.rows / r['write']:,.0f} | {' | '.join(cells)} | {owners} |")
+        rate = f"{args.rows / r['write']:,.0f} | {r['cpu']:.2f}"
+        print(f"| {scheme} | {rate} | {' | '.join(cells)} | {owners} |")
 
 
 if __name__ == "__main__":

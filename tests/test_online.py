@@ -729,6 +729,24 @@ def private_redis(tmp_path):
         process.wait()
 
 
+def test_a_server_that_lost_the_script_midway_gets_it_again(private_redis):
+    # A restart or failover empties the script cache between two pipelines of a shard: the
+    # calls Redis answered NOSCRIPT are resent once the script is loaded again.
+    store = OnlineStore(private_redis("--maxmemory-policy", "noeviction"), "p")
+    version = _version(0)
+    store.stage(version, META, expected_rows=200)
+    keys = [f"k{i}" for i in range(100)]
+    with store.writer(version, 0) as writer:
+        writer.flush_rows = 50
+        writer.write(keys[:50], _scored([_value(1)] * 50))
+        writer._wait()  # the first pipeline has landed
+        store.client.script_flush()
+        writer.write(keys[50:], _scored([_value(0)] * 50))
+    assert writer.landed == 100
+    assert store.key_count(version) == 100
+    assert store.get_many(keys, version) == [_prediction(1)] * 50 + [_prediction(0)] * 50
+
+
 @pytest.mark.parametrize("config_allowed", [True, False])
 def test_a_redis_that_may_evict_keys_is_refused(private_redis, config_allowed):
     # A managed service may refuse CONFIG: the policy is then read from INFO.

@@ -212,15 +212,16 @@ class ShardWriter:
             return
         found, values = np.vstack(self._digests), np.vstack(self._values)
         self._digests, self._values, self._buffered = [], [], 0
-        commands, sizes = self._commands(found, values)
+        pipe, sizes, calls = self._pipeline(found, values)
         self._wait()
         self.sent += len(found)
-        self._in_flight = sender.submit(self._execute, commands, sizes)
+        self._in_flight = sender.submit(self._execute, pipe, sizes, calls)
 
-    def _commands(
+    def _pipeline(
         self, found: np.ndarray, values: np.ndarray
-    ) -> tuple[list[tuple[Any, ...]], list[int]]:
-        """One command per bucket (and its EXPIRE), with the rows each acknowledges."""
+    ) -> tuple[Any, list[int], list[tuple[Any, ...]]]:
+        """One command per bucket (and its EXPIRE), the rows each acknowledges, and the
+        script calls' arguments (to resend them should a node have lost the script)."""
         layout = self.layout
         bucket = np.ascontiguousarray(found[:, :4]).view(">u4").ravel() % layout.buckets
         order = np.argsort(bucket, kind="stable")
@@ -230,8 +231,9 @@ class ShardWriter:
         fields = [fields_bytes[i : i + 32] for i in range(0, len(fields_bytes), 32)]
         texts = [values_bytes[i : i + width] for i in range(0, len(values_bytes), width)]
         starts = np.flatnonzero(np.diff(bucket, prepend=-1)).tolist() + [len(bucket)]
-        commands: list[tuple[Any, ...]] = []
+        pipe = self.store.client.pipeline(transaction=False)
         sizes = []
+        calls: list[tuple[Any, ...]] = []
         owned = self._script is not None
         head = (int(self.shard), self.ttl or 0, self.ttl or OWNER_TTL) if owned else ()
         for first, last in zip(starts[:-1], starts[1:], strict=True):
@@ -240,34 +242,30 @@ class ShardWriter:
             pairs[0::2], pairs[1::2] = fields[first:last], texts[first:last]
             sizes.append(last - first)
             if owned:  # the script sets both TTLs itself
-                commands.append(("EVALSHA", self._script, 2, name, owner_name(name), *head, *pairs))
+                calls.append((2, name, owner_name(name), *head, *pairs))
+                pipe.execute_command("EVALSHA", self._script, *calls[-1])
                 continue
-            commands.append(("HSET", name, *pairs))
+            pipe.execute_command("HSET", name, *pairs)
             if self.ttl:
-                commands.append(("EXPIRE", name, self.ttl))
+                pipe.execute_command("EXPIRE", name, self.ttl)
                 sizes.append(0)
-        return commands, sizes
+        return pipe, sizes, calls
 
-    def _execute(self, commands: list[tuple[Any, ...]], sizes: list[int]) -> None:
-        replies = self._send(commands)
+    def _execute(self, pipe: Any, sizes: list[int], calls: list[tuple[Any, ...]]) -> None:
+        replies = pipe.execute(raise_on_error=False)
         lost = [i for i, reply in enumerate(replies) if _no_script(reply)]
         if lost:  # a node restarted or failed over since the script was loaded: once more
             self._script = self.store.load_first_wins()
-            again = [("EVALSHA", self._script, *commands[i][2:]) for i in lost]
-            for i, reply in zip(lost, self._send(again), strict=True):
+            again = self.store.client.pipeline(transaction=False)
+            for i in lost:  # a script call per bucket: replies and calls align
+                again.execute_command("EVALSHA", self._script, *calls[i])
+            for i, reply in zip(lost, again.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         for size, reply in zip(sizes, replies, strict=True):
             if isinstance(reply, Exception):
                 log.warning("Redis refused a write: %s", reply)
             else:  # HSET answers how many fields were new: a replayed one counts too
                 self.landed += size
-
-    def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline (split by node on a cluster), packed by hiredis; errors as replies."""
-        pipe = self.store.client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return pipe.execute(raise_on_error=False)
 
     def _wait(self) -> None:
         if self._in_flight is not None:
