@@ -58,7 +58,7 @@ UNUSABLE = ("rolled back", "retired")  # statuses rollback never restores
 
 
 READ_SLICE = 1_000  # rows per read command: Redis serves other clients between slices
-COUNT_SLICE = 1_000  # buckets counted per script call (~0.3 ms of Redis's time)
+COUNT_SLICE = 1_000  # buckets counted per script call: a few ms of Redis's time each
 SAFE_POLICY = "noeviction"
 _SCRIPTS = resources.files("batchscore.online") / "scripts"
 
