@@ -366,6 +366,12 @@ def main() -> None:
         "--floor-value-bytes", type=int, help="the floor's SET size (default: issue 21's)"
     )
     parser.add_argument("--skip-seed", action="store_true", help="no seed's-way runs")
+    parser.add_argument(
+        "--flow-only",
+        action="store_true",
+        help="only the flow: its time and whole-run memory (at 20M rows the model floor's "
+        "processes would each hold every row)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="paired runs of each; medians")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--seed", type=int, default=42)
@@ -413,6 +419,8 @@ def measure(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[s
         say(f"run {i + 1}/{args.repeat}: the flow at its defaults ...")
         flush(args.redis_url)
         runs["flow"].append(run_flow(rows, env, work, args.redis_url, args.models))
+        if args.flow_only:
+            continue
         size = args.floor_value_bytes or FLOOR_VALUE_BYTES[args.models]
         flush(args.redis_url)
         say(f"run {i + 1}/{args.repeat}: redis-benchmark, {args.rows:,} SETs of {size} bytes ...")
@@ -448,6 +456,19 @@ def measure(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[s
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     flow, seed, floor, writes = results["flow"], results["seed"], results["floor"], results["redis"]
+    if args.flow_only:
+        median = statistics.median
+        print(f"\n**{results['rows']:,} rows, {results['cores']} cores, the flow only**\n")
+        print("| | median | runs |\n|---|---:|---:|")
+        for label, field in (
+            ("flow, whole run (s)", "wall"),
+            ("fixed cost (s)", "fixed"),
+            ("foreach (s)", "foreach"),
+            ("peak memory, every process together (MiB)", "peak_mib"),
+        ):
+            values = [f[field] for f in flow]
+            print(f"| {label} | {median(values):,.1f} | {', '.join(f'{v:,.1f}' for v in values)} |")
+        return
     rows, cores, median = results["rows"], results["cores"], statistics.median
     # The job's own floor: its models' predict_proba over every core, plus Redis storing
     # one SET per row of issue 21's value size, measured in the same run as the flow.

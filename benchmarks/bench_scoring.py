@@ -44,7 +44,7 @@ from workload import flush, peak_rss_mib, run_naive, train_bundle, write_rows
 from batchscore.batch.bundle import ModelBundle
 from batchscore.batch.predictions import LoadedModel, predict_all
 from batchscore.batch.publishing import stage
-from batchscore.batch.scoring import SeenKeys, score_shard
+from batchscore.batch.scoring import score_shard
 from batchscore.batch.shards import Shard, plan_shards, read_shard
 from batchscore.config import Settings
 from batchscore.online.store import OnlineStore, ttl_seconds
@@ -147,7 +147,7 @@ def warm_up(bundle: ModelBundle) -> float:
         ).shards:
             list(read_shard(shard, with_store))
     predict_all(bundle.models, frame)
-    SeenKeys().first(hash_rows(frame.to_numpy()))
+    hash_rows(frame.to_numpy())
     time.sleep(0.5)  # keeps this worker busy so that the pool starts every worker
     return peak_rss_mib()
 

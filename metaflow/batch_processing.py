@@ -26,7 +26,9 @@ class BatchProcessingFlow(FlowSpec):
     input_path = Parameter(
         "input_path",
         default="",
-        help="CSV/Parquet path or URL (file, s3://, http); default: the published test split",
+        help="CSV/Parquet path or URL (file, s3://, http); default: the published test split. "
+        "Name credentials as environment variables, '${NAME}' (expanded only where the input "
+        "is read, so Metaflow records the template)",
     )
     models = Parameter("models", default="champion", help="`champion`, or `all` to add every model")
     shard_rows = Parameter(
@@ -69,14 +71,17 @@ class BatchProcessingFlow(FlowSpec):
         from batchscore.orchestration.preflight import require_services
         from batchscore.versions import new_version
 
-        BatchParameters(
+        parameters = BatchParameters(
             self.models,
             self.shard_rows,
             self.ttl_days,
             self.bad_rows,
             self.max_bad_rows,
             self.max_drift,
-        ).check()
+            self.input_path,
+        )
+        parameters.check()  # `${NAME}` in --input_path: each variable set
+        parameters.warn()  # credentials written out in --input_path: recorded by Metaflow
         settings = Settings()
         require_services(settings)
         self.run_pathspec = f"{current.flow_name}/{current.run_id}"

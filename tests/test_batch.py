@@ -16,6 +16,7 @@ from batchscore.batch.publishing import publish, stage
 from batchscore.batch.scoring import SCORE_BLOCK_ROWS, score_shard
 from batchscore.batch.shards import plan_shards
 from batchscore.online.errors import PublishError
+from batchscore.online.layout import owner_name
 from batchscore.online.store import OnlineStore
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
@@ -44,7 +45,7 @@ class RecordingModel:
 @pytest.fixture
 def planned(tmp_path, redis_url, redis_prefix, settings_for):
     rows = pd.DataFrame({"a": np.arange(1.0, 50_001.0), "b": np.full(50_000, 2.0)})
-    rows.loc[49_999] = rows.loc[0]  # one duplicate row, written once
+    rows.loc[49_999] = rows.loc[0]  # one repeated row: one key
     path = tmp_path / "rows.parquet"
     rows.to_parquet(path, index=False)
     settings = settings_for(
@@ -71,11 +72,13 @@ def test_a_shard_is_scored_in_blocks_and_counted_once(planned, redis_client, mon
 
     result = score_shard(0, shards[0], bundle, version, settings)
 
-    assert (result.rows_scored, result.keys_written, result.duplicates) == (50_000, 49_999, 1)
-    assert model.calls == math.ceil(49_999 / 20_000)  # scored a block at a time
+    # The repeated row is written again (its key, its value): the version holds 49,999 keys.
+    assert (result.rows_scored, result.keys_written) == (50_000, 50_000)
+    assert online.key_count(version) == 49_999
+    assert model.calls == math.ceil(50_000 / 20_000)  # scored a block at a time
     assert set(model.threads) == {1}  # BATCHSCORE_SCORING_THREADS capped every pool
-    assert redis_client.hget(online.manifest(version), "shard:0") == b"49999"
-    assert online.publish(version, 49_999, 1)
+    assert redis_client.hget(online.manifest(version), "shard:0") == b"50000"
+    assert online.publish(version, 50_000, 1)
     first, last = online.get_many(row_keys(rows.iloc[[0, 49_998]].to_numpy()))
     assert (first["label"], first["proba"]) == (0, round(1 / 3, 6))
     assert (last["label"], last["class"], last["proba"]) == (1, "y", round(49_999 / 50_001, 6))
@@ -261,22 +264,123 @@ def test_a_bad_row_in_the_last_shard_publishes_nothing_and_drops_the_staged_keys
     assert _keyspace(redis_client, redis_prefix) == before  # the staged version is gone
 
 
-def test_a_repeated_key_is_new_only_the_first_time_across_blocks():
-    import pyarrow as pa
+def test_an_id_repeated_in_a_writers_buffer_keeps_its_first_row():
+    """Within one shard, an id-keyed version keeps an id's first row: the writer drops later
+    repeats in its buffer (`first_rows`), the script keeps a shard's own earlier field."""
+    from batchscore.online.writer import first_rows
 
-    from batchscore.batch.scoring import SeenKeys
-    from batchscore.rows.keys import feature_digests
+    rng = np.random.default_rng(3)
+    found = rng.integers(0, 256, (1_000, 32), dtype=np.uint8)
+    assert first_rows(found) is None  # the usual case: nothing repeats
+    found[700], found[900] = found[5], found[5]
+    twin = found[10].copy()
+    twin[20:] ^= 1  # shares its first 8 bytes with row 10, and is not a repeat
+    found[11] = twin
+    keep = first_rows(found)
+    assert 5 in keep and 700 not in keep and 900 not in keep
+    assert {10, 11} <= set(keep.tolist()) and len(keep) == 998
+    assert keep.tolist() == sorted(keep.tolist())  # rows stay in input order
 
-    seen = SeenKeys()
-    assert seen.first(pa.array(["007", "008", "007"]), hashed=False).tolist() == [1, 1, 0]
-    assert seen.first(pa.array(["009", "008", "010", "009"]), hashed=False).tolist() == [
-        1, 0, 1, 0,
+
+# ------------------------------------- repeated keys across shards: first in input order
+
+
+def _three_shards(tmp_path, frame: pd.DataFrame, settings):
+    """`frame` as a Parquet file planned into shards of 10 rows: 0-9, 10-19, 20-29."""
+    path = tmp_path / "repeats.parquet"
+    frame.to_parquet(path, index=False)
+    plan = plan_shards(path.as_uri(), COLUMNS, 10, "Flow/repeats", settings)
+    assert [[(p.start, p.end) for p in s.pieces] for s in plan.shards] == [
+        [(0, 10)], [(10, 20)], [(20, 30)],
     ]  # fmt: skip
-    features = np.arange(60.0).reshape(30, 2)
-    keys = pa.array(row_keys(features))
-    assert seen.first(keys) is None  # feature keys: the usual case, nothing repeats
-    # The batch's raw digests are the same keys as their hex text.
-    assert seen.first(feature_digests(features[:3])).tolist() == [False] * 3
-    for _ in range(5):  # runs merge as they grow; every earlier key is still found
-        assert seen.first(pa.array(row_keys(features[::-1]))).tolist() == [False] * 30
-        assert seen.first(pa.array(row_keys(np.random.default_rng().random((40, 2))))) is None
+    return path.as_uri(), plan
+
+
+def _score_and_publish(uri, plan, settings, reverse: bool):
+    bundle = ModelBundle(
+        "train-1", [LoadedModel("m", RecordingModel(), "ab" * 32)], COLUMNS, ("n", "y")
+    )
+    version = new_version("Flow/repeats")
+    stage(version, "Flow/repeats", uri, bundle, settings, expected_rows=30)
+    shards = plan.shards[::-1] if reverse else plan.shards
+    results = sorted(
+        (score_shard(s.index, s, bundle, version, settings) for s in shards),
+        key=lambda r: r.shard,
+    )
+    return version, publish("Flow/repeats", version, results, uri, bundle, settings, plan=plan)
+
+
+def test_shards_are_numbered_in_input_order(tmp_path, settings_for):
+    # Files in name order (whatever order they were written in), ranges in file order,
+    # consecutive pieces per shard: shard i's rows all come before shard i + 1's.
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for name in ("part-2", "part-0", "part-1"):
+        frame = pd.DataFrame({"a": np.arange(1.0, 11.0), "b": np.full(10, 2.0)})
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    for shard_rows, max_tasks in ((4, None), (3, 4), (None, 2)):
+        plan = plan_shards(
+            str(folder), COLUMNS, shard_rows, "Flow/1", settings, max_tasks=max_tasks
+        )
+        order = [(p.file.uri, p.start) for shard in plan.shards for p in shard.pieces]
+        assert order == sorted(order) and len(plan.shards) > 1
+        assert [s.index for s in plan.shards] == list(range(len(plan.shards)))
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("reverse", [False, True], ids=["in order", "reversed"])
+def test_an_id_in_two_shards_gets_its_first_row_whichever_shard_writes_last(
+    tmp_path, redis_url, redis_prefix, redis_client, settings_for, reverse
+):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+            "BATCHSCORE_ID_COLUMN": "customer",
+        }
+    )
+    ids = [f"c{i:02d}" for i in range(30)]
+    ids[24] = "c00"  # row 25 (shard 2) repeats row 1's id (shard 0), with other features
+    ids[7] = "c05"  # a repeat within shard 0
+    ids[12] = "c28"  # row 13 (shard 1) comes before row 29 (shard 2)
+    frame = pd.DataFrame({"customer": ids, "a": np.arange(1.0, 31.0), "b": np.full(30, 3.0)})
+    uri, plan = _three_shards(tmp_path, frame, settings)
+
+    version, result = _score_and_publish(uri, plan, settings, reverse)
+
+    assert result.published
+    assert (result.rows_scored, result.keys_written) == (30, 27)
+    assert result.report.duplicates == 3 and result.report.keys_written == 27
+    online = OnlineStore.from_settings(settings)
+    found = {k: online.get(k)["proba"] for k in ("c00", "c05", "c28")}
+    assert found == {"c00": 0.25, "c05": round(6 / 9, 6), "c28": round(13 / 16, 6)}
+    assert online.status()["keys"] == 27
+    layout = online.layout(version)
+    assert not redis_client.exists(*(owner_name(n) for n in layout.bucket_names()))
+    from batchscore.storage.tracking import Tracker
+
+    with Tracker(settings.resolved_database_url) as tracker:
+        (run,) = tracker.batch_history(1)
+    assert (run["keys_written"], run["duplicates"], run["rows_scored"]) == (27, 3, 30)
+
+
+@pytest.mark.services
+def test_a_feature_row_repeated_across_shards_is_counted_once(
+    tmp_path, redis_url, redis_prefix, settings_for
+):
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        }
+    )
+    frame = pd.DataFrame({"a": np.arange(1.0, 31.0), "b": np.full(30, 3.0)})
+    frame.loc[24] = frame.loc[0]  # shard 2 repeats shard 0's first row
+    frame.loc[15] = frame.loc[11]  # and shard 1 one of its own
+    uri, plan = _three_shards(tmp_path, frame, settings)
+    _, result = _score_and_publish(uri, plan, settings, reverse=True)
+    assert result.published
+    assert (result.rows_scored, result.keys_written, result.report.duplicates) == (30, 28, 2)

@@ -717,3 +717,108 @@ def test_input_uris_are_shown_without_user_info_or_query(uri, shown):
     from batchscore.storage.sources import masked
 
     assert masked(uri) == shown
+
+
+# ------------------------------------- credentials named as `${NAME}`: out of every record
+
+
+def test_variables_in_an_input_are_expanded_by_resolve_alone(monkeypatch):
+    from batchscore.storage.sources import masked, resolve
+
+    monkeypatch.setenv("SRC_USER", "reader")
+    monkeypatch.setenv("SRC_PASSWORD", "p@ss:w/rd%")
+    monkeypatch.setenv("SIGNED_URL", "https://host/x.csv?X-Amz-Signature=abc")
+    template = "https://${SRC_USER}:${SRC_PASSWORD}@host/${SRC_USER}.csv"
+    # In the user info a value is percent-encoded (the request decodes it); elsewhere not.
+    assert resolve(template) == "https://reader:p%40ss%3Aw%2Frd%25@host/reader.csv"
+    assert resolve("${SIGNED_URL}") == "https://host/x.csv?X-Amz-Signature=abc"
+    assert resolve("/data/$HOME/${not a name}.csv") == "/data/$HOME/${not a name}.csv"
+    # What is shown and recorded keeps the template: it holds no secret.
+    assert masked(template) == template
+    assert masked("https://host/x.csv?sig=${SIG}") == "https://host/x.csv?sig=${SIG}"
+    assert masked("https://host/x.csv?sig=${SIG}&sv=2") == "https://host/x.csv?***"  # any value
+    assert masked("https://${U}:pa55@host/x.csv?sig=abc") == "https://***@host/x.csv?***"
+    monkeypatch.delenv("SRC_PASSWORD")
+    with pytest.raises(InputError, match=r"environment variable SRC_PASSWORD is not set"):
+        resolve(template)
+
+
+class _Half:
+    """A model whose probability is always one half."""
+
+    classes_ = np.array([0, 1])
+
+    def predict_proba(self, features):
+        return np.full((len(features), 2), 0.5)
+
+
+@pytest.mark.services
+def test_an_input_naming_its_credentials_is_read_and_recorded_as_the_template(
+    http_table, tmp_path, settings_for, redis_url, redis_prefix, monkeypatch
+):
+    import pickle
+
+    from batchscore.batch.bundle import ModelBundle
+    from batchscore.batch.predictions import LoadedModel
+    from batchscore.batch.publishing import publish, stage
+    from batchscore.batch.scoring import score_shard
+    from batchscore.batch.shards import plan_shards, read_shard
+    from batchscore.online.store import OnlineStore
+    from batchscore.storage.sources import masked
+    from batchscore.storage.tracking import Tracker
+
+    address, served = http_table
+    monkeypatch.setenv("SRC_USER", "reader")
+    monkeypatch.setenv("SRC_PASSWORD", "s3cr%t")  # as it is: no URL encoding to think of
+    settings = settings_for(
+        {
+            "BATCHSCORE_HOME": str(tmp_path / "home"),
+            "BATCHSCORE_REDIS_URL": redis_url,
+            "BATCHSCORE_REDIS_PREFIX": redis_prefix,
+        }
+    )
+    template = f"http://${{SRC_USER}}:${{SRC_PASSWORD}}@{address}/rows.csv"
+    plan = plan_shards(template, ["a", "b"], 100, "Flow/1", settings)
+    rows = [a for s in plan.shards for b in read_shard(s, settings) for a in b.features["a"]]
+    assert len(rows) == 300 and served
+    # The plan is a Metaflow artifact: it holds the template, never the password.
+    assert {p.file.uri for s in plan.shards for p in s.pieces} == {template}
+    assert b"s3cr" not in pickle.dumps(plan)
+
+    bundle = ModelBundle("t", [LoadedModel("half", _Half(), "ab" * 32)], ["a", "b"], ("n", "y"))
+    version = "v-template"
+    stage(version, "Flow/1", masked(template), bundle, settings)
+    results = [score_shard(s.index, s, bundle, version, settings) for s in plan.shards]
+    assert publish("Flow/1", version, results, masked(template), bundle, settings).published
+    assert OnlineStore.from_settings(settings).manifest_field(version, "input") == template
+    with Tracker(settings.resolved_database_url) as tracker:
+        assert tracker.batch_history(1)[0]["input_uri"] == template
+
+    # A whole presigned URL in one variable, and a wrong password named as a variable.
+    signed = f"http://reader:s3cr%25t@{address}/rows.csv?X-Amz-Signature=abc123"
+    monkeypatch.setenv("SIGNED_URL", signed)
+    plan = plan_shards("${SIGNED_URL}", ["a", "b"], 100, "Flow/2", settings)
+    assert {p.file.uri for s in plan.shards for p in s.pieces} == {"${SIGNED_URL}"}
+    assert sum(b.rows for s in plan.shards for b in read_shard(s, settings)) == 300
+    monkeypatch.setenv("SRC_PASSWORD", "wrong-pass")
+    with pytest.raises(InputError) as error:
+        plan_shards(template, ["a", "b"], 100, "Flow/3", settings)
+    assert "401" in str(error.value) and template in str(error.value)
+    assert "wrong-pass" not in str(error.value)
+
+
+def test_a_folder_named_by_a_variable_keeps_the_template_in_the_plan(
+    tmp_path, settings_for, monkeypatch
+):
+    from batchscore.batch.shards import plan_shards
+
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    folder = tmp_path / "private-folder"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}).to_parquet(folder / f"{name}.parquet")
+    monkeypatch.setenv("INPUT_DIR", str(folder))
+    for given in ("${INPUT_DIR}", "${INPUT_DIR}/*.parquet"):
+        plan = plan_shards(given, ["a", "b"], None, "Flow/1", settings)
+        uris = [p.file.uri for s in plan.shards for p in s.pieces]
+        assert uris == ["${INPUT_DIR}/a.parquet", "${INPUT_DIR}/b.parquet"], given

@@ -143,6 +143,33 @@ def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
     assert [t.data.shard.threads for t in tasks] == [max(1, cores // len(tasks))] * len(tasks)
     assert batch.data.keys_written == len(rows)
 
+    # Keyed by an id column, the input named by a variable: an id of the first shard comes
+    # again in the last with other features. Readers get the first row in input order, the
+    # counts say so, and Metaflow recorded the template, never the value.
+    champion = batch.data.model_files.load().models[0]
+    proba = positive_proba(champion.estimator, rows)
+    repeat = next(i for i in range(76, len(rows)) if abs(proba[i] - proba[0]) > 1e-3)
+    ids = [f"c{i:03d}" for i in range(len(rows))]
+    ids[repeat] = ids[0]  # shards of 38 rows: row 0 in shard 0, `repeat` in shard 2
+    keyed = project / "private" / "keyed.parquet"
+    keyed.parent.mkdir()
+    rows.assign(customer=ids).to_parquet(keyed)
+    keyed_env = {**env, "BATCHSCORE_ID_COLUMN": "customer", "KEYED_INPUT": str(keyed)}
+    batch = run_flow(
+        "batch_processing.py", keyed_env, project, input_path="${KEYED_INPUT}", shard_rows=50
+    )
+    assert batch.data.input_uri == "${KEYED_INPUT}" and batch.data.input_path == "${KEYED_INPUT}"
+    assert all(p.file.uri == "${KEYED_INPUT}" for s in batch.data.shards for p in s.pieces)
+    assert (batch.data.rows_scored, batch.data.keys_written) == (len(rows), len(rows) - 1)
+    online = OnlineStore.from_settings(settings)
+    assert abs(online.get(ids[0])["proba"] - proba[0]) < 1e-6
+    from batchscore.storage.tracking import Tracker
+
+    with Tracker(settings.resolved_database_url) as tracker:
+        record = tracker.batch_history(1)[0]
+    assert (record["input_uri"], record["duplicates"]) == ("${KEYED_INPUT}", 1)
+    assert str(project / "private") not in str(online.status())
+
 
 @pytest.mark.services
 def test_service_mode_end_to_end(

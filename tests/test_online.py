@@ -18,8 +18,9 @@ import redis
 from batchscore.batch.predictions import LoadedModel
 from batchscore.online.connection import connect
 from batchscore.online.errors import PublishError, SupersededError
-from batchscore.online.layout import COMPACT, FIELDS, Layout, RowModel, plan_reads
+from batchscore.online.layout import COMPACT, FIELDS, Layout, RowModel, owner_name, plan_reads
 from batchscore.online.store import READ_SLICE, OnlineStore, ttl_seconds
+from batchscore.online.writer import OWNER_TTL
 from batchscore.rows.errors import InputError
 from batchscore.rows.keys import row_keys
 from batchscore.versions import new_version
@@ -645,6 +646,80 @@ def test_an_empty_shard_records_its_models_and_count(store, scheme):
     assert [m.name for m in store.layout(version).models] == ["v"]
 
 
+# ------------------------------------------- repeated keys: the first in input order wins
+
+
+def _owners_left(store: OnlineStore, layout: Layout) -> int:
+    return sum(store.client.exists(owner_name(name)) for name in layout.bucket_names())
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 1, 0]], ids=["in order", "reversed"])
+def test_an_id_repeated_across_shards_keeps_its_first_row_in_input_order(store, order):
+    # Shards are numbered in input order; whichever task writes last, a reader gets the
+    # row of the lowest shard that holds the id, and the version counts each id once.
+    version = _version(0)
+    store.stage(version, META, expected_rows=200)  # 4 buckets
+    shards = {
+        0: {"dup": _value(1), "a": _value(0)},
+        1: {"b": _value(1), "dup2": _value(0)},
+        2: {"dup": _value(0), "dup2": _value(1), "c": _value(1)},
+    }
+    for shard in order + order:  # each shard twice: a retried task writes its rows again
+        rows = shards[shard]
+        assert _write(store, version, shard, list(rows), list(rows.values())) == len(rows)
+    layout = store.layout(version)
+    bucket, digest = layout.locate("dup")
+    owner = owner_name(bucket)
+    assert store.client.hget(owner, digest) == b"0"  # the shard that wrote it
+    if store.cluster:  # the script touches both keys: one slot, as Redis itself computes it
+        assert store.client.cluster_keyslot(owner) == store.client.cluster_keyslot(bucket)
+    assert 0 < store.client.ttl(owner) <= OWNER_TTL  # gone even if never dropped
+    assert store.key_count(version) == 5
+    assert store.drop_owners(version) >= 1
+    assert _owners_left(store, layout) == 0
+    assert store.publish(version, expected_keys=7, expected_shards=3)  # rows acknowledged
+    assert store.get_many(["dup", "dup2", "c"]) == [_prediction(1), _prediction(0), _prediction(1)]
+    assert _rows_stored(store, layout) == 5  # readers' layout unchanged: one field a row
+
+
+def test_a_bucket_of_many_repeated_ids_is_written_in_steps(store):
+    # More fields in one bucket than the script handles at once (Lua's unpack limit).
+    version = _version(0)
+    store.stage(version, META, expected_rows=1)  # one bucket
+    keys = [f"id{i}" for i in range(1_200)]
+    _write(store, version, 1, keys, [_value(0)] * 1_200)
+    _write(store, version, 0, keys[::2], [_value(1)] * 600)
+    assert store.key_count(version) == 1_200
+    assert store.publish(version, 1_800, 2)
+    found = store.get_many(keys)
+    assert found[0::2] == [_prediction(1)] * 600 and found[1::2] == [_prediction(0)] * 600
+
+
+def test_owner_hashes_follow_the_version_ttl_and_go_with_a_discard(store):
+    version = _version(0)
+    store.stage(version, META, 600, expected_rows=200)
+    _write(store, version, 1, ["dup"], [_value(0)], ttl=600)
+    _write(store, version, 0, ["dup", "other"], [_value(1), _value(1)], ttl=600)
+    layout = store.layout(version)
+    bucket = layout.locate("dup")[0]
+    assert 500 < store.client.ttl(owner_name(bucket)) <= 600
+    assert 500 < store.client.ttl(bucket) <= 600
+    store.discard(version)  # a failed run's version, its owner hashes with it
+    assert _owners_left(store, layout) == 0
+    assert _rows_stored(store, layout) == 0
+
+
+def test_a_feature_hash_version_keeps_no_owners_and_counts_a_repeat_once(store):
+    version = _version(0)
+    store.stage(version, {**META, "key_scheme": "feature_hash"}, expected_rows=200)
+    keys = row_keys(np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    _write(store, version, 0, keys, [_value(1), _value(0)])
+    _write(store, version, 1, keys[:1], [_value(1)])  # the same features: the same value
+    assert store.key_count(version) == 2
+    assert _owners_left(store, store.layout(version)) == 0
+    assert store.publish(version, 3, 2)
+
+
 # ------------------------------------------------------ eviction policy (own servers)
 
 
@@ -682,6 +757,24 @@ def private_redis(tmp_path):
     for process in started:
         process.terminate()
         process.wait()
+
+
+def test_a_server_that_lost_the_script_midway_gets_it_again(private_redis):
+    # A restart or failover empties the script cache between two pipelines of a shard: the
+    # calls Redis answered NOSCRIPT are resent once the script is loaded again.
+    store = OnlineStore(private_redis("--maxmemory-policy", "noeviction"), "p")
+    version = _version(0)
+    store.stage(version, META, expected_rows=200)
+    keys = [f"k{i}" for i in range(100)]
+    with store.writer(version, 0) as writer:
+        writer.flush_rows = 50
+        writer.write(keys[:50], _scored([_value(1)] * 50))
+        writer._wait()  # the first pipeline has landed
+        store.client.script_flush()
+        writer.write(keys[50:], _scored([_value(0)] * 50))
+    assert writer.landed == 100
+    assert store.key_count(version) == 100
+    assert store.get_many(keys, version) == [_prediction(1)] * 50 + [_prediction(0)] * 50
 
 
 @pytest.mark.parametrize("config_allowed", [True, False])

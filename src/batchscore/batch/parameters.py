@@ -7,8 +7,13 @@ Each bad parameter gets one line naming it, the value given and the values allow
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+
+from batchscore.storage.sources import credentials_in, masked, unset_variables
+
+log = logging.getLogger(__name__)
 
 MODELS = ("champion", "all")
 BAD_ROWS = ("reject", "quarantine")
@@ -27,8 +32,8 @@ class ParameterError(ValueError):
 
 @dataclass(frozen=True)
 class BatchParameters:
-    """The flow's `--models`, `--shard_rows`, `--ttl_days`, `--bad_rows`, `--max_bad_rows`
-    and `--max_drift`, as given on the command line."""
+    """The flow's `--models`, `--shard_rows`, `--ttl_days`, `--bad_rows`, `--max_bad_rows`,
+    `--max_drift` and `--input_path`, as given on the command line."""
 
     models: str = "champion"
     shard_rows: int = 0
@@ -36,6 +41,7 @@ class BatchParameters:
     bad_rows: str = "reject"
     max_bad_rows: float = 0.0
     max_drift: float = 0.25
+    input_path: str = ""
 
     def problems(self) -> list[str]:
         """One line per parameter out of range (empty when all are fine)."""
@@ -68,7 +74,38 @@ class BatchParameters:
             found.append(
                 _line("max_drift", self.max_drift, "a PSI of 0 or more (0.25: a large shift)")
             )
+        missing = unset_variables(self.input_path)
+        if missing:
+            found.append(
+                _line(
+                    "input_path",
+                    masked(self.input_path),
+                    "resolvable: environment variable "
+                    + ", ".join(missing)
+                    + (" is" if len(missing) == 1 else " are")
+                    + " not set where this step runs",
+                )
+            )
         return found
+
+    def warnings(self) -> list[str]:
+        """What works but should not be done: credentials written out in `--input_path`,
+        which Metaflow records (and shows) as the run's parameter value."""
+        found = credentials_in(self.input_path)
+        if not found:
+            return []
+        return [
+            f"--input_path holds {found}: Metaflow records parameter values, so it is kept in "
+            "the run's metadata and shown by its client and UI. Name the secrets as "
+            "environment variables instead, in single quotes so that the shell leaves them "
+            "to the flow: --input_path 'https://${SRC_USER}:${SRC_PASSWORD}@host/x.csv' or "
+            "--input_path '${SIGNED_URL}'"
+        ]
+
+    def warn(self) -> None:
+        """Log `warnings` (the flow's `start` does, once)."""
+        for line in self.warnings():
+            log.warning("warning: %s", line)
 
     def check(self) -> None:
         """Raise ParameterError naming every parameter out of range."""

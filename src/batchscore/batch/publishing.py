@@ -94,8 +94,14 @@ def publish(
     started = time.perf_counter()
     online = OnlineStore.from_settings(settings)
     rows = sum(r.rows_scored for r in results)
-    keys = sum(r.keys_written for r in results)
-    report = judge(version, results, bundle, online, plan, limits)
+    acknowledged = sum(r.keys_written for r in results)  # what the switch checks, per shard
+    # Every shard is done: count the distinct keys (an id repeated across shards is one key,
+    # its first row in input order) and drop the owner hashes that decided it.
+    held = online.key_count(version)
+    online.drop_owners(version)
+    keys = acknowledged if held is None else held  # None: retired meanwhile (superseded)
+    duplicates = rows - keys  # every row a shard scored, less the keys the version holds
+    report = judge(version, results, bundle, online, plan, limits, keys, duplicates)
     record = {
         "input_uri": input_uri,
         "training_run_id": bundle.training_run_id,
@@ -106,11 +112,16 @@ def publish(
         "published": False,
         "rows_read": plan.rows_read if plan else rows,
         "rows_rejected": plan.rows_rejected if plan else 0,
-        "duplicates": sum(r.duplicates for r in results),
+        "duplicates": duplicates,
     }
-    # What `promote` needs to publish this version later with the same checks, and the
-    # gate's verdict (the next batch's report compares its scores with `score_counts`).
-    fields: dict[str, object] = {"keys_expected": keys, "shards_expected": len(results)}
+    # What `promote` needs to publish this version later with the same checks (the rows the
+    # shards acknowledged), its distinct keys, and the gate's verdict (the next batch's
+    # report compares its scores with `score_counts`).
+    fields: dict[str, object] = {
+        "keys_expected": acknowledged,
+        "shards_expected": len(results),
+        "keys": keys,
+    }
     record.update(report.summary())
     fields["gate"] = report.gate.summary
     if report.drift_measured:
@@ -120,7 +131,7 @@ def publish(
         # Recorded before the switch: a live version always has its lineage row.
         tracker.record_batch(run_id, record)
         blocked = not report.gate.passed
-        published = not blocked and online.publish(version, keys, len(results))
+        published = not blocked and online.publish(version, acknowledged, len(results))
         if published:
             tracker.mark_published(run_id)
     retired: list[str] = []
@@ -151,8 +162,12 @@ def judge(
     online: OnlineStore,
     plan: ShardPlan | None,
     limits: GateLimits,
+    keys_written: int,
+    duplicates: int,
 ) -> BatchReport:
     """The shards' counts merged and judged: drift against training, rejected rows.
+    `keys_written` and `duplicates`: the version's distinct keys and the rows that repeated
+    one (counted at the join, across shards).
 
     A champion without a reference profile (trained before profiles were recorded) gets no
     drift measure, but its batch is held to the bad-row limit all the same.
@@ -188,7 +203,8 @@ def judge(
         noise=max(noise.values(), default=0.0),
         rows_read=rows_read,
         rows_scored=sum(r.rows_scored for r in results),
-        duplicates=sum(r.duplicates for r in results),
+        keys_written=keys_written,
+        duplicates=duplicates,
         rows_rejected=rejected,
         gate=gate.check(
             drift,

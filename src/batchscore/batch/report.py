@@ -26,7 +26,8 @@ class BatchReport:
     classes: tuple[str, str]
     rows_read: int
     rows_scored: int
-    duplicates: int
+    keys_written: int  # distinct keys the version holds
+    duplicates: int  # rows whose key repeated an earlier row's: the first in input order kept
     rows_rejected: int
     label_counts: list[int]
     score_counts: list[int]
@@ -101,6 +102,7 @@ def build_report(
     noise: float,
     rows_read: int,
     rows_scored: int,
+    keys_written: int,
     duplicates: int,
     rows_rejected: int,
     gate: GateResult,
@@ -119,7 +121,8 @@ def build_report(
         training_run_id=training_run_id,
         classes=classes,
         rows_read=rows_read,
-        rows_scored=profile.rows if measured else rows_scored,
+        rows_scored=rows_scored,
+        keys_written=keys_written,
         duplicates=duplicates,
         rows_rejected=rows_rejected,
         label_counts=list(profile.label_counts) if measured else [],
@@ -214,8 +217,9 @@ def card_components(report: BatchReport) -> list[Any]:
         Table(
             [
                 ["rows read", f"{report.rows_read:,}"],
-                ["rows scored (keys)", f"{report.rows_scored:,}"],
-                ["duplicate rows (written once)", f"{report.duplicates:,}"],
+                ["rows scored", f"{report.rows_scored:,}"],
+                ["keys written (distinct)", f"{report.keys_written:,}"],
+                ["duplicate rows (first in input order kept)", f"{report.duplicates:,}"],
                 ["rows rejected", f"{report.rows_rejected:,}"],
                 [
                     "largest feature PSI",

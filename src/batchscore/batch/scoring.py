@@ -12,9 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-
 from batchscore.config import Settings
 
 if TYPE_CHECKING:
@@ -31,8 +28,8 @@ SCORE_BLOCK_ROWS = 50_000  # rows per predict call and Redis hand-off inside a s
 class ShardResult:
     shard: int
     rows_scored: int  # rows read that passed the row check
-    keys_written: int
-    duplicates: int = 0  # rows whose key repeated an earlier row's in the shard: written once
+    keys_written: int  # rows Redis acknowledged (the switch checks them); the version's
+    # distinct keys, with repeats across shards, are counted at the join (`publish`)
     seconds: dict[str, float] = field(default_factory=dict)
     threads: int | None = None  # the cap on the models' thread pools (None: none)
     profile: dict | None = None  # `drift.BatchProfile` counts of the scored rows
@@ -78,7 +75,6 @@ def score_shard(
     # each task's pools are capped (cores / concurrent tasks in the flow).
     threads = threads or settings.scoring_threads
     profile = BatchProfile()
-    seen = SeenKeys()
     result = ShardResult(shard, 0, 0, threads=threads)
     rejected = []
     try:
@@ -102,12 +98,10 @@ def score_shard(
                         keys = checked.ids.slice(start, SCORE_BLOCK_ROWS)
                     else:  # raw digests: Redis stores the 32 bytes, nobody reads the hex
                         keys = feature_digests(block.to_numpy())
-                    first = seen.first(keys, hashed=checked.ids is None)
+                    # A repeated key is written again (a feature key: the same value) or
+                    # kept from its first row (an id: the writer's rule); the repeats are
+                    # counted once, at the join, from the keys the version holds.
                     result.rows_scored += len(block)
-                    if first is not None:
-                        result.duplicates += len(keys) - int(first.sum())
-                        keys = keys[first] if checked.ids is None else keys.filter(first)
-                        block = block.loc[first].reset_index(drop=True)
                     clock.lap("key")
                     if not len(block):
                         continue
@@ -135,76 +129,9 @@ def score_shard(
     result.keys_written = writer.landed
     result.seconds = clock.seconds
     result.rejected_uri = write_rejected_part(spec, rejected, settings)
-    if result.duplicates:
-        log.warning("shard %s: %d duplicate rows written once", shard, result.duplicates)
     if bundle.reference is not None:
         result.profile = profile.to_dict()
     return result
-
-
-class SeenKeys:
-    """Which keys a shard already wrote, so a repeated key is written once (its first row
-    wins). Each key is kept as a 128-bit fingerprint (a SHA-256 prefix: 16 bytes a row,
-    never a Python object per key) in a few sorted runs, merged as they grow. Two different
-    keys share a fingerprint with odds of about 1e-21 at a billion rows."""
-
-    def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (high, low) sorted by high
-
-    def first(self, keys: pa.Array | np.ndarray, hashed: bool = True) -> np.ndarray | None:
-        """Mask of the rows whose key is new (first in the block, unseen before), or None
-        when every key is new (the usual case). `keys`: `feature_digests` output, or text
-        (`hashed`: `hash_rows` output, else ids)."""
-        high, low = _fingerprints(keys, hashed)
-        # Sorted (stably: the first of equal keys stays first), repeats in the block are
-        # neighbours, and numpy's search is much faster on sorted needles.
-        order = np.argsort(high, kind="stable")
-        high, low = high[order], low[order]
-        fresh = np.ones(len(high), dtype=bool)
-        fresh[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-        for run_high, run_low in self._runs:
-            at = np.searchsorted(run_high, high)
-            at[at == len(run_high)] = 0
-            same = (run_high[at] == high) & (run_low[at] == low)
-            # Equal high halves, other low half: look along the (tiny) run of equal highs.
-            for row in np.flatnonzero((run_high[at] == high) & ~same):
-                stop = np.searchsorted(run_high, high[row], side="right")
-                same[row] = bool((run_low[at[row] : stop] == low[row]).any())
-            fresh &= ~same
-        if fresh.any():
-            self._runs.append((high[fresh], low[fresh]))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            (high_b, low_b), (high_a, low_a) = self._runs.pop(), self._runs.pop()
-            merged = np.concatenate([high_a, high_b])
-            by_high = np.argsort(merged, kind="stable")  # two sorted runs: a linear merge
-            self._runs.append((merged[by_high], np.concatenate([low_a, low_b])[by_high]))
-        if fresh.all():
-            return None
-        mask = np.empty_like(fresh)
-        mask[order] = fresh
-        return mask
-
-
-def _fingerprints(keys: pa.Array | np.ndarray, hashed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Two uint64 halves of a 128-bit fingerprint per key: for a feature key (SHA-256) its
-    first 16 bytes (32 hex digits), for an id its BLAKE2b-128."""
-    import binascii
-    import hashlib
-
-    if isinstance(keys, np.ndarray):
-        raw = np.ascontiguousarray(keys[:, :16]).tobytes()
-    elif hashed and len(keys):
-        text = np.frombuffer(keys.buffers()[2], np.uint8)
-        width = 8 if pa.types.is_large_string(keys.type) else 4  # offsets' bytes
-        first = np.frombuffer(keys.buffers()[1], f"<i{width}", 1, width * keys.offset)[0]
-        hexed = text[first : first + 64 * len(keys)].reshape(-1, 64)[:, :32]
-        raw = binascii.unhexlify(hexed.tobytes())
-    else:
-        blake = hashlib.blake2b
-        ids = keys.cast(pa.string()).to_pylist()
-        raw = b"".join([blake(k.encode(), digest_size=16).digest() for k in ids])
-    pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-    return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
 class _Clock:

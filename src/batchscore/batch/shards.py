@@ -156,14 +156,15 @@ def _describe(file: SourceFile, settings: Settings) -> _FileInfo:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batchscore.storage.sources import open_source
+    from batchscore.storage.sources import open_source, resolve
     from batchscore.storage.tables import csv_header, table_format
 
     if not file.size:
         raise InputError(f"{file.shown}: the file is empty")
+    name = resolve(file.uri).split("?", 1)[0]  # its suffix, even under `${SIGNED_URL}`
     with open_source(file, settings) as handle:
         head = handle.read(4)
-        kind = table_format(file.uri.split("?", 1)[0], head)
+        kind = table_format(name, head)
         handle.seek(0)
         if kind == "parquet":
             try:
@@ -173,7 +174,7 @@ def _describe(file: SourceFile, settings: Settings) -> _FileInfo:
             return _FileInfo(
                 file, "parquet", tuple(meta.schema.to_arrow_schema().names), meta.num_rows
             )
-        if file.uri.lower().split("?", 1)[0].endswith(".gz"):
+        if name.lower().endswith(".gz"):
             return _gzip_info(file, handle)
         columns, data_start = csv_header(handle, file.shown)
         handle.seek(data_start)

@@ -13,6 +13,11 @@ first), the classes and the key scheme are the version's constants, once in its 
 The label is derived: 1 exactly when proba >= the model's threshold. Buckets hold ~64 rows:
 small hashes that Redis keeps as listpacks (~40 bytes a row instead of ~340 as JSON strings).
 
+While an id-keyed version is staged, each bucket has a companion `{<bucket name>}:owner`
+(field: digest, value: the number of the shard that wrote the row), in the bucket's own
+cluster slot: across shards the first row in input order wins (`scripts/first_wins.lua`).
+Readers never read it; the join deletes it (`OnlineStore.drop_owners`).
+
 The first layout (`json`: `{prefix}:{version}:{row_key}` -> the JSON prediction) is still
 read, until its versions are retired.
 """
@@ -41,6 +46,12 @@ FIELDS = (
 def buckets_for(rows: int) -> int:
     """Hashes for about `rows` rows, ~ROWS_PER_BUCKET each."""
     return max(1, -(-rows // ROWS_PER_BUCKET))
+
+
+def owner_name(bucket: str) -> str:
+    """The staging-only owner hash of a bucket: its hash tag is the whole bucket name, so it
+    lives in the bucket's cluster slot (a script may touch both)."""
+    return f"{{{bucket}}}:owner"
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,17 @@ class Layout:
 
     def bucket_name(self, digest: bytes) -> str:
         return f"{self.rows}{int.from_bytes(digest[:4], 'big') % self.buckets}"
+
+    def bucket_names(self) -> list[str]:
+        """Every bucket's key name (named from the bucket count: no SCAN)."""
+        return [f"{self.rows}{b}" for b in range(self.buckets)]
+
+    @property
+    def owned(self) -> bool:
+        """Whether its writers keep owner hashes: only an id-keyed version can repeat a key
+        with another value (a repeated feature hash has the same features, so the same
+        prediction)."""
+        return self.compact and self.key_scheme == "id"
 
     def locate(self, key: str) -> tuple[str, bytes | None] | None:
         """(Redis key, hash field) of a row; the field is None in the JSON layout."""

@@ -9,6 +9,8 @@ Layout (the Redis contract; `{prefix}` with its braces: one hash tag, one cluste
     {prefix}:next_id              -> the counter behind each version's short row-name prefix
     prefix:r{id}:{bucket}         -> hash of ~64 rows: row digest -> probabilities (rows
                                      spread over every slot of a cluster)
+    {prefix:r{id}:{bucket}}:owner -> while an id-keyed version is staged: row digest -> the
+                                     shard that wrote it (the bucket's slot; see layout.py)
 
 A run writes its rows under a fresh version that nobody reads yet, counts them, and only
 then moves `current`, atomically, in a Lua script that also refuses to move it backwards.
@@ -36,6 +38,7 @@ from batchscore.online.layout import (
     Layout,
     RowModel,
     buckets_for,
+    owner_name,
     plan_reads,
 )
 from batchscore.online.writer import ShardWriter
@@ -55,12 +58,13 @@ UNUSABLE = ("rolled back", "retired")  # statuses rollback never restores
 
 
 READ_SLICE = 1_000  # rows per read command: Redis serves other clients between slices
+COUNT_SLICE = 1_000  # buckets counted per script call: a few ms of Redis's time each
 SAFE_POLICY = "noeviction"
 _SCRIPTS = resources.files("batchscore.online") / "scripts"
 
 
 def _script(name: str) -> str:
-    """A Lua script of `scripts/`: publish, record_shard, rollback, annotate."""
+    """A Lua script of `scripts/`: publish, record_shard, rollback, annotate, first_wins..."""
     return (_SCRIPTS / f"{name}.lua").read_text()
 
 
@@ -103,6 +107,8 @@ class OnlineStore:
         self._annotate = client.register_script(_script("annotate"))
         self._retire = client.register_script(_script("retire"))
         self._migrate = client.register_script(_script("migrate"))
+        self._first_wins = client.register_script(_script("first_wins"))
+        self._count_keys = client.register_script(_script("count_keys"))
         self._layouts: dict[str, Layout] = {}  # published versions never change
         # How versions that predate the manifest's `key_scheme` were keyed: the settings say.
         self.legacy_id_column = legacy_id_column
@@ -180,10 +186,15 @@ class OnlineStore:
         pipe.execute()
 
     def row_count(self, version: str) -> int:
-        """Rows the version's shards recorded."""
-        names = [n for n in self.client.hkeys(self.manifest(version)) if n.startswith(b"shard:")]
-        counts = self.client.hmget(self.manifest(version), names) if names else []
-        return sum(int(c) for c in counts if c is not None)
+        """The version's keys: the distinct count its join recorded (`keys`), else (a version
+        published before it was recorded) the rows its shards recorded."""
+        names = self.client.hkeys(self.manifest(version))
+        names = [n for n in names if n.startswith(b"shard:") or n == b"keys"]
+        values = self.client.hmget(self.manifest(version), names) if names else []
+        counts = dict(zip(names, values, strict=True))
+        if counts.get(b"keys") is not None:
+            return int(counts[b"keys"])
+        return sum(int(c) for n, c in counts.items() if c is not None and n != b"keys")
 
     def eviction_policy(self) -> str | None:
         """Redis's `maxmemory-policy`: from CONFIG, or from INFO where a managed service
@@ -239,6 +250,53 @@ class OnlineStore:
         ]
         if not self.annotate(version, {"row_models": described}):
             raise SupersededError(f"version {version} is gone (retired or discarded)")
+
+    def load_first_wins(self) -> str:
+        """Load `first_wins.lua` (on every primary of a cluster): the SHA writers call it by."""
+        return self.client.script_load(self._first_wins.script)
+
+    def key_count(self, version: str) -> int | None:
+        """The distinct keys the version holds (None: it is gone), from its buckets' sizes:
+        exact whatever the shards wrote twice (repeats, replayed pipelines, retried tasks),
+        where the rows they acknowledged are not. On one Redis a short script sums
+        COUNT_SLICE buckets at a time (Redis serves other clients between slices); on a
+        cluster, one HLEN per bucket, pipelined by node."""
+        layout = self.layout(version)
+        if layout is None:
+            return None
+        if not layout.compact:
+            return self.row_count(version)
+        pipe = self.client.pipeline(transaction=False)
+        if self.cluster:
+            for name in layout.bucket_names():
+                pipe.hlen(name)
+        else:
+            for first in range(0, layout.buckets, COUNT_SLICE):
+                last = min(first + COUNT_SLICE, layout.buckets) - 1
+                self._count_keys(args=[layout.rows, first, last], client=pipe)
+        return sum(pipe.execute())
+
+    def drop_owners(self, version: str, layout: Layout | None = None) -> int:
+        """Delete an id-keyed version's staging-only owner hashes (once its shards are
+        done, or with its rows); returns how many there were. Named from the bucket
+        count, no SCAN."""
+        layout = layout or self.layout(version)
+        if layout is None or not layout.owned:
+            return 0
+        return self._unlink([owner_name(name) for name in layout.bucket_names()])
+
+    def _unlink(self, names: Sequence[str]) -> int:
+        """UNLINK many keys, pipelined (a key per command on a cluster, whose pipelines
+        refuse keys of several slots in one); returns how many existed."""
+        pipe = self.client.pipeline(transaction=False)
+        for first in range(0, len(names), SCAN_COUNT):
+            part = names[first : first + SCAN_COUNT]
+            if self.cluster:
+                for name in part:
+                    pipe.unlink(name)
+            else:
+                pipe.unlink(*part)
+        return sum(pipe.execute()) if names else 0
 
     def writer(self, version: str, shard: str | int, ttl_seconds: int | None = None) -> ShardWriter:
         """A streaming writer for one shard: feed it `(keys, predict_all(...))` blocks."""
@@ -374,9 +432,8 @@ class OnlineStore:
             raise ValueError(f"refusing to discard {version}: {exc}") from None
         removed = 0
         if layout is not None and layout.compact:
-            names = [f"{layout.rows}{b}" for b in range(layout.buckets)]
-            for first in range(0, len(names), SCAN_COUNT):
-                removed += self.client.unlink(*names[first : first + SCAN_COUNT])
+            removed = self._unlink(layout.bucket_names())
+            self.drop_owners(version, layout)
         else:  # the first layout: one key per row, found by SCAN
             batch: list[bytes] = []
             pattern = _glob_escape(f"{self.prefix}:{version}:") + "*"
@@ -505,17 +562,20 @@ class OnlineStore:
         manifest = {
             k.decode(): v.decode() for k, v in zip(names, values, strict=True) if v is not None
         }
-        rows = sum(int(v) for k, v in manifest.items() if k.startswith("shard:"))
+        rows = manifest.get("keys")  # distinct keys, recorded at the join
+        if rows is None:  # published before the join recorded it: the shards' rows
+            rows = sum(int(v) for k, v in manifest.items() if k.startswith("shard:"))
         info = {
             k: v
             for k, v in manifest.items()
             if not k.startswith("shard:")
-            and k not in ("feature_columns", "classes", "score_counts", "layout", "row_models")
+            and k
+            not in ("feature_columns", "classes", "score_counts", "layout", "row_models", "keys")
         }
         published_at = float(info.pop("published_at", "nan"))
         return {
             "current": current,
-            "keys": rows,
+            "keys": int(rows),
             "published_at": published_at,
             "age_seconds": time.time() - published_at,
             **info,

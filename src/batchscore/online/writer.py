@@ -1,5 +1,10 @@
 """The streaming writer: one shard's scored rows into a staged version, in the compact
-layout (`layout.py`): rows grouped by bucket, one HSET per bucket, a pipeline at a time."""
+layout (`layout.py`): rows grouped by bucket, one command per bucket, a pipeline at a time.
+
+A feature-hash version gets a plain HSET per bucket. An id-keyed version gets a short script
+per bucket (`scripts/first_wins.lua`) instead: the same id may come with other features in
+another shard, and across shards the first row in input order must win whichever shard
+task writes last."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchscore.online.errors import PublishError
-from batchscore.online.layout import PROBA_BYTES, Layout, RowModel
+from batchscore.online.layout import PROBA_BYTES, Layout, RowModel, owner_name
 
 if TYPE_CHECKING:
     from batchscore.batch.predictions import Scored
@@ -29,6 +34,7 @@ ROWS_PER_HSET = 16
 MIN_FLUSH_ROWS, MAX_FLUSH_ROWS = 250_000, 1_000_000
 PIPELINE_ROWS = 100_000  # rows per pipeline sent: bounds the Python objects alive at once
 SAMPLE_KEYS = 1_024  # keys per shard checked with EXISTS before the switch
+OWNER_TTL = 7 * 86_400  # owner hashes of a version without a TTL: gone even if never dropped
 
 
 class KeySample:
@@ -123,6 +129,31 @@ def probabilities(outputs: Sequence[Scored]) -> np.ndarray:
     return np.ascontiguousarray(np.hstack(columns))
 
 
+def _no_script(reply: Any) -> bool:
+    import redis
+
+    return isinstance(reply, redis.exceptions.NoScriptError)
+
+
+def first_rows(found: np.ndarray) -> np.ndarray | None:
+    """Where digests repeat, the rows to keep: each digest's first, in row order (None:
+    nothing repeats, the usual case). A stable sort on the first 8 bytes brings repeats
+    together; neighbours are then compared whole (a shared prefix is not a repeat)."""
+    head = np.ascontiguousarray(found[:, :8]).view("<u8").ravel()
+    order = np.argsort(head, kind="stable")
+    equal = head[order][1:] == head[order][:-1]
+    if not equal.any():
+        return None
+    ranked = found[order]
+    repeat = equal.copy()
+    repeat[equal] = (ranked[1:][equal] == ranked[:-1][equal]).all(axis=1)
+    if (equal & ~repeat).any():  # two digests sharing 8 bytes (~1e-8 at 1M rows): sort all
+        order = np.lexsort(np.ascontiguousarray(found).view(">u8").T[::-1])
+        ranked = found[order]
+        repeat = (ranked[1:] == ranked[:-1]).all(axis=1)
+    return np.sort(order[np.r_[True, ~repeat]])
+
+
 def row_models(outputs: Sequence[Scored]) -> list[RowModel]:
     models = []
     for model, _, _ in outputs:
@@ -140,12 +171,13 @@ class ShardWriter:
     MIN/MAX_FLUSH_ROWS), grouped by bucket and sent as one HSET per bucket (with an EXPIRE
     when the version has a TTL), packed by hiredis and executed on a background thread in
     pipelines of ~PIPELINE_ROWS rows, so that Redis stores one batch while the caller
-    scores the next.
+    scores the next. An id-keyed version's buckets go through `first_wins.lua` instead
+    (the shard number decides which row of a repeated id stays; within a shard the first).
     On a cluster the pipeline is split by node. A dropped connection is retried under the
-    client's policy by resending the whole pipeline (HSET is idempotent). On a clean exit
-    the writer flushes, waits for the last pipeline, checks that every row was
-    acknowledged, and only then records the shard's count, so a shard that died midway is
-    never counted.
+    client's policy by resending the whole pipeline (HSET is idempotent, and the script
+    leaves a shard's own fields as they are). On a clean exit the writer flushes, waits
+    for the last pipeline, checks that every row was acknowledged, and only then records
+    the shard's count, so a shard that died midway is never counted.
     """
 
     def __init__(
@@ -168,6 +200,7 @@ class ShardWriter:
         self._sender: ThreadPoolExecutor | None = None
         self._in_flight: Future[None] | None = None  # the previous batch's pipeline
         self.sample = KeySample()  # checked by `OnlineStore.verify` before the switch
+        self._script: str | None = None  # the SHA of `first_wins.lua` (id-keyed versions)
 
     def __enter__(self) -> ShardWriter:
         layout = self.store.layout(self.version)
@@ -177,6 +210,10 @@ class ShardWriter:
         if self.flush_rows is None:
             wanted = ROWS_PER_HSET * layout.buckets
             self.flush_rows = min(max(wanted, MIN_FLUSH_ROWS), MAX_FLUSH_ROWS)
+        if layout.owned:
+            if not str(self.shard).isdigit():
+                raise ValueError(f"shard {self.shard!r}: an id-keyed version's shards are numbered")
+            self._script = self.store.load_first_wins()
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="redis-writer")
         return self
 
@@ -225,6 +262,10 @@ class ShardWriter:
             return
         found, values = np.vstack(self._digests), np.vstack(self._values)
         self._digests, self._values, self._buffered = [], [], 0
+        if self._script is not None:  # an id repeated in the buffer: its first row only
+            keep = first_rows(found)
+            if keep is not None:
+                found, values = found[keep], values[keep]
         bucket = np.ascontiguousarray(found[:, :4]).view(">u4").ravel() % self.layout.buckets
         order = np.argsort(bucket, kind="stable")
         self._wait()
@@ -232,19 +273,20 @@ class ShardWriter:
         self._in_flight = sender.submit(self._send, bucket[order], found[order], values[order])
 
     def _send(self, bucket: np.ndarray, found: np.ndarray, values: np.ndarray) -> None:
-        """Rows sorted by bucket, as one HSET per bucket, in pipelines of ~PIPELINE_ROWS."""
+        """Rows sorted by bucket, a command per bucket, in pipelines of ~PIPELINE_ROWS."""
         starts = np.flatnonzero(np.diff(bucket, prepend=-1))  # where each bucket's rows begin
         near = np.searchsorted(starts, np.arange(0, len(bucket), PIPELINE_ROWS))
         cuts = np.unique(starts[np.minimum(near, len(starts) - 1)])  # never inside a bucket
         bounds = [*cuts.tolist(), len(bucket)]
         for first, last in zip(bounds[:-1], bounds[1:], strict=True):
             part = slice(first, last)
-            pipe, sizes = self._pipeline(bucket[part], found[part], values[part])
-            self._execute(pipe, sizes)
+            self._execute(*self._pipeline(bucket[part], found[part], values[part]))
 
     def _pipeline(
         self, bucket: np.ndarray, found: np.ndarray, values: np.ndarray
-    ) -> tuple[Any, list[int]]:
+    ) -> tuple[Any, list[int], list[tuple[Any, ...]]]:
+        """One command per bucket (and its EXPIRE), the rows each acknowledges, and the
+        script calls' arguments (to resend them should a node have lost the script)."""
         layout = self.layout
         # One bytes object per row and column, made in C by viewing each row as one item.
         fields = found.view(np.dtype((np.void, 32))).ravel().tolist()
@@ -252,19 +294,35 @@ class ShardWriter:
         starts = np.flatnonzero(np.diff(bucket, prepend=-1)).tolist() + [len(bucket)]
         pipe = self.store.client.pipeline(transaction=False)
         sizes = []
+        calls: list[tuple[Any, ...]] = []
+        owned = self._script is not None
+        head = (int(self.shard), self.ttl or 0, self.ttl or OWNER_TTL) if owned else ()
         for first, last in zip(starts[:-1], starts[1:], strict=True):
             name = f"{layout.rows}{bucket[first]}"
             pairs: list[bytes] = [None] * (2 * (last - first))  # type: ignore[list-item]
             pairs[0::2], pairs[1::2] = fields[first:last], texts[first:last]
-            pipe.execute_command("HSET", name, *pairs)
             sizes.append(last - first)
+            if owned:  # the script sets both TTLs itself
+                calls.append((2, name, owner_name(name), *head, *pairs))
+                pipe.execute_command("EVALSHA", self._script, *calls[-1])
+                continue
+            pipe.execute_command("HSET", name, *pairs)
             if self.ttl:
                 pipe.execute_command("EXPIRE", name, self.ttl)
                 sizes.append(0)
-        return pipe, sizes
+        return pipe, sizes, calls
 
-    def _execute(self, pipe: Any, sizes: list[int]) -> None:
-        for size, reply in zip(sizes, pipe.execute(raise_on_error=False), strict=True):
+    def _execute(self, pipe: Any, sizes: list[int], calls: list[tuple[Any, ...]]) -> None:
+        replies = pipe.execute(raise_on_error=False)
+        lost = [i for i, reply in enumerate(replies) if _no_script(reply)]
+        if lost:  # a node restarted or failed over since the script was loaded: once more
+            self._script = self.store.load_first_wins()
+            again = self.store.client.pipeline(transaction=False)
+            for i in lost:  # a script call per bucket: replies and calls align
+                again.execute_command("EVALSHA", self._script, *calls[i])
+            for i, reply in zip(lost, again.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        for size, reply in zip(sizes, replies, strict=True):
             if isinstance(reply, Exception):
                 log.warning("Redis refused a write: %s", reply)
             else:  # HSET answers how many fields were new: a replayed one counts too

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from batchscore.config import Settings
 from batchscore.rows.errors import InputError
 from batchscore.storage.object_store import ObjectStore, StoreError
-from batchscore.storage.sources import HTTP_TIMEOUT_SECONDS, http_error, http_request
+from batchscore.storage.sources import HTTP_TIMEOUT_SECONDS, http_error, http_request, resolve
 
 if TYPE_CHECKING:  # imported where used: the batch flow's `load_data` needs no pandas
     import pandas as pd
@@ -171,8 +171,9 @@ def table_format(name: str, head: bytes = b"") -> str:
 
 @contextmanager
 def local_file(source: str, settings: Settings | None = None) -> Iterator[Path]:
-    """A local, seekable path for a source given as path, file://, s3:// or http(s):// URL."""
-    parsed = urlparse(source)
+    """A local, seekable path for a source given as path, file://, s3:// or http(s):// URL
+    (`${NAME}` references resolved here, where it is opened; errors name it as given)."""
+    parsed = urlparse(resolve(source))
     if parsed.scheme == "s3":
         bucket_root = f"s3://{parsed.netloc}"
         store = ObjectStore.from_url(bucket_root, settings or Settings())
@@ -197,7 +198,7 @@ def local_file(source: str, settings: Settings | None = None) -> Iterator[Path]:
                 raise http_error(source, exc) from exc
             yield path
         return
-    path = Path(parsed.path if parsed.scheme == "file" else source)
+    path = Path(parsed.path if parsed.scheme == "file" else resolve(source))
     if not path.is_file():
         raise InputError(f"{source}: no such file")
     yield path
