@@ -53,10 +53,14 @@ REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 
 
 # A test that reaches a real service carries the `services` marker whichever way it gets
-# there (these fixtures, directly or through another fixture), so `-m "not services"`
-# leaves exactly those out. `flows` is written on each test that runs a flow
-# (tests/test_layout.py checks that none lacks it).
-_SERVICE_FIXTURES = frozenset({"postgres_server_url", "redis_server_url", "s3_endpoint"})
+# there, so `-m "not services"` leaves exactly those out: from these fixtures (directly or
+# through another fixture) it is added here; a parameter that reaches one only at run time
+# (`request.getfixturevalue`) carries it itself (`pytest.param(..., marks=pytest.mark.services)`),
+# and `_service_marker_is_true` fails a test that reached one without it. `flows` is written
+# on each test that runs a flow (tests/test_layout.py checks that none lacks it).
+_SERVICE_FIXTURES = frozenset(
+    {"postgres_server_url", "redis_server_url", "s3_endpoint", "redis_cluster_url", "topology_url"}
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,6 +80,19 @@ def pytest_sessionfinish(session, exitstatus):
     for pidfile in _SESSION_TMP.rglob("redis.pid"):
         stop_server(pidfile.with_name("redis.db"))
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _service_marker_is_true(request) -> Iterator[None]:
+    """Fail a test that reached a service (a fixture asked for at run time included) but
+    is not marked `services`: `make test-fast` would run it."""
+    yield
+    reached = _SERVICE_FIXTURES.intersection(request.fixturenames)
+    if reached and request.node.get_closest_marker("services") is None:
+        pytest.fail(
+            f"{request.node.nodeid} reached {sorted(reached)} but is not marked `services`: "
+            "mark it, or its parameter (pytest.param(..., marks=pytest.mark.services))"
+        )
 
 
 def _unavailable(what: str, exc: Exception) -> None:

@@ -117,7 +117,9 @@ def test_a_tampered_model_is_refused_and_never_deserialised(tmp_path, settings_f
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
+)
 def test_sql_only_sees_bound_parameters(database, tmp_path, request):
     url = (
         f"sqlite:///{tmp_path / 'm.db'}"

@@ -21,7 +21,7 @@ def s3_store(s3_env, settings_for) -> ObjectStore:
     return ObjectStore.from_url(s3_env["BATCHSCORE_STORE_URL"], settings)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def store(request) -> ObjectStore:
     return request.getfixturevalue(f"{request.param}_store")
 

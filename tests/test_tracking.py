@@ -20,7 +20,7 @@ from batchscore.storage.tracking import (
 FEATURES = ["mean radius", "mean texture", "mean perimeter"]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
 def tracker(request, tmp_path: Path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'metrics.db'}"
@@ -301,7 +301,9 @@ def test_each_training_run_keeps_its_own_test_split(tmp_path, settings_for):
         assert tracker.champion_batch_input() == first.batch_input_uri
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
+)
 def test_first_uses_at_once_migrate_once(backend, request, tmp_path):
     """Two (here four) first runs at once on a fresh database: before Alembic, each ran
     `create_all` and `ALTER TABLE` and they raced (DuplicateTable). Now one migrates under
