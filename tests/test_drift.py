@@ -158,7 +158,7 @@ def test_a_champion_without_a_profile_is_judged_on_its_rejected_rows(
     plan = ShardPlan(["s0", "s1"], rows_read=1000, rows_rejected=10)
     online = OnlineStore.from_settings(settings)
 
-    report = judge("v1", shards, files, online, plan, GateLimits(max_bad_rows=0.005))
+    report = judge("v1", shards, files, online, plan, GateLimits(max_bad_rows=0.005), 990, 0)
     assert not report.gate.passed
     assert "10 of 1000 rows rejected" in report.gate.summary
     assert report.max_drift is None and report.rows_scored == 990
@@ -167,5 +167,5 @@ def test_a_champion_without_a_profile_is_judged_on_its_rejected_rows(
     card = repr([c.render() for c in card_components(report)])
     assert "Drift: not measured" in card and "BLOCKED" in card
 
-    within = judge("v1", shards, files, online, plan, GateLimits(max_bad_rows=0.02))
+    within = judge("v1", shards, files, online, plan, GateLimits(max_bad_rows=0.02), 990, 0)
     assert within.gate.passed
