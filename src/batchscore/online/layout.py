@@ -188,18 +188,19 @@ class Layout:
         champion = models[0]
         top_name, threshold, version = champion.name, champion.threshold, champion.version
         top_labels, top_probas = labels[:, 0].tolist(), probas[:, 0].tolist()
+        tops = [
+            {
+                "label": label,
+                "class": names[label],
+                "proba": proba,
+                "threshold": threshold,
+                "model": top_name,
+                "model_version": version,
+            }
+            for label, proba in zip(top_labels, top_probas, strict=True)
+        ]
         if len(models) == 1:
-            return [
-                {
-                    "label": label,
-                    "class": names[label],
-                    "proba": proba,
-                    "threshold": threshold,
-                    "model": top_name,
-                    "model_version": version,
-                }
-                for label, proba in zip(top_labels, top_probas, strict=True)
-            ]
+            return tops
         columns = [
             [
                 {
@@ -214,20 +215,9 @@ class Layout:
             for j, m in enumerate(models)
         ]
         order = [m.name for m in models]
-        return [
-            {
-                "label": label,
-                "class": names[label],
-                "proba": proba,
-                "threshold": threshold,
-                "model": top_name,
-                "model_version": version,
-                "models": dict(zip(order, entries, strict=True)),
-            }
-            for label, proba, entries in zip(
-                top_labels, top_probas, zip(*columns, strict=True), strict=True
-            )
-        ]
+        for top, entries in zip(tops, zip(*columns, strict=True), strict=True):
+            top["models"] = dict(zip(order, entries, strict=True))
+        return tops
 
     def json(self, value: bytes) -> bytes:
         """The prediction as JSON text (a JSON-layout value is that already)."""
