@@ -60,11 +60,11 @@ class KeySample:
         if isinstance(keys, np.ndarray):
             from batchscore.rows.keys import hex_keys
 
-            last = len(keys) - 1
-            # Only the block's `size` lowest priorities can enter the sample, plus the last.
-            low = np.argpartition(drawn, self.size)[: self.size] if last >= self.size else None
-            keep = np.union1d(low, [last]) if low is not None else np.arange(len(keys))
-            keys, drawn = hex_keys(keys[keep]), drawn[keep]
+            if len(keys) > self.size:  # only the `size` lowest priorities can enter, and the last
+                low = np.argpartition(drawn, self.size)[: self.size]
+                keep = np.union1d(low, [len(keys) - 1])
+                keys, drawn = keys[keep], drawn[keep]
+            keys = hex_keys(keys)
         self._last = keys[len(keys) - 1].as_py()
         pool = pa.concat_arrays([self._keys, keys.cast(pa.string())])
         priority = np.concatenate([self._priority, drawn])
