@@ -55,7 +55,9 @@ from workload import SEED_MODELS, flush, run_naive, write_rows
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "benchflow"
 TARGET_VS_SEED = 3.0  # the flow at least this many times faster than the seed's way
-TARGET_VS_FLOOR = 1.5  # the flow at most this many times the job floor (issue 21)
+# The flow at most this many times the job floor (issue 21): 5M rows at the defaults, and
+# 1M rows with `--models all` (five models' predict_proba and 656-byte SETs).
+TARGET_VS_FLOOR = {"champion": 1.5, "all": 1.8}
 TARGET_PEAK_MIB = 1_536  # the whole local run, every process together (issue 21)
 TARGET_FIXED = 6.0  # seconds: launcher plus every step outside the foreach
 # Issue 21 fixes the floor's Redis half as one SET per row of the value size the JSON layout
@@ -515,12 +517,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"| flow: peak memory, all its processes together (MiB) | {median(peaks):,.0f} | | |")
 
     print("\n| target | met | median (range) |\n|---|:---:|---:|")
+    most = TARGET_VS_FLOOR[args.models]
     targets = [
-        (
-            f"flow <= {TARGET_VS_FLOOR:g}x the job floor",
-            median(vs_floor) <= TARGET_VS_FLOOR,
-            vs_floor,
-        ),
+        (f"flow <= {most:g}x the job floor", median(vs_floor) <= most, vs_floor),
         (f"fixed cost <= {TARGET_FIXED:g} s", median(fixed) <= TARGET_FIXED, fixed),
         (f"peak memory <= {TARGET_PEAK_MIB:,} MiB", median(peaks) <= TARGET_PEAK_MIB, peaks),
     ]

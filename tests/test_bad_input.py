@@ -132,9 +132,7 @@ def test_reordered_and_extra_columns_key_and_predict_like_the_original(
     assert values["original"] == values["shuffled"]
 
 
-def test_repeated_rows_are_one_key_and_counted(
-    tmp_path, settings_for, redis_client, redis_prefix
-):
+def test_repeated_rows_are_one_key_and_counted(tmp_path, settings_for, redis_client, redis_prefix):
     from sklearn.dummy import DummyClassifier
 
     settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})

@@ -860,3 +860,24 @@ def test_every_client_has_bounded_waits(home, settings_for, redis_url):
             assert options["socket_connect_timeout"] is not None
         assert client.ping()
         client.close()
+
+
+def test_the_batch_packer_sends_the_bytes_redis_py_would():
+    """`HiredisPacker` skips redis-py's per-argument pass, not anything it sends: the
+    same bytes for the writer's commands, redis-py's two-word commands, and buffers."""
+    from redis.connection import HiredisRespSerializer
+
+    from batchscore.online.connection import HiredisPacker
+
+    commands = [
+        ("HSET", "bs:v:rows:7", b"\x00" * 32, b"\x01\x02\x03", b"\xff" * 32, b""),
+        ("EXPIRE", "bs:v:rows:7", 86_400),
+        ("EVALSHA", "a" * 40, 2, "k", "o", 3, 0, 604_800, b"\x00" * 32, b"\x01"),
+        ("CLIENT SETINFO", "LIB-NAME", "redis-py"),
+        (b"CLIENT SETNAME", b"batch"),
+        ("SET", "k", memoryview(b"ab")),
+        ("SET", "k", bytearray(b"ab")),
+        ("SET", "k", 1.5),
+    ]
+    for command in commands:
+        assert HiredisPacker().pack(*command) == HiredisRespSerializer().pack(*command)
