@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -63,15 +65,22 @@ _SERVICE_FIXTURES = frozenset(
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups it adds
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if _SERVICE_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.services)
-        if "service_training" in fixtures:
-            # Under pytest-xdist (`make test`: --dist loadgroup) the tests scoring with the
-            # session's one training run on one worker, so it is trained once there too.
-            item.add_marker(pytest.mark.xdist_group("service_training"))
+        for shared in ("service_training", "fresh_install"):
+            if shared in fixtures:
+                # Under pytest-xdist (`make test`: --dist loadgroup) the tests sharing a
+                # session's training run or fresh install run on one worker, so it is made
+                # once there too.
+                item.add_marker(pytest.mark.xdist_group(shared))
+    # The longest first (whole flows, fresh installs): on two workers, a test of a minute
+    # or two that starts last is the suite's tail.
+    items.sort(key=lambda item: not (item.get_closest_marker("flows")
+                                     or item.get_closest_marker("slow")))  # fmt: skip
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -528,3 +537,52 @@ def trained_service_env(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def fresh_copy(target: Path) -> None:
+    """The committed HEAD, as a user clones it (outside git: the files a clone holds)."""
+    if (ROOT / ".git").exists():
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True)
+    else:
+        shutil.copytree(
+            ROOT,
+            target,
+            ignore=shutil.ignore_patterns(
+                ".venv", ".batchscore", ".metaflow", ".env", "__pycache__"
+            ),
+        )
+
+
+def run_command(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
+    """Run a command to success and return what it printed (its tail, should it fail)."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
+    return output
+
+
+class FreshInstall:
+    """A fresh clone and a new virtualenv holding the seed's own install."""
+
+    def __init__(self, clone: Path, python: str, env: dict[str, str]) -> None:
+        self.clone, self.python, self.env = clone, python, env
+
+
+@pytest.fixture(scope="session")
+def fresh_install(tmp_path_factory: pytest.TempPathFactory) -> FreshInstall:
+    """`pip install -r requirements.txt` in a new virtualenv, in a fresh clone, from a new
+    user's shell: none of the test session's Metaflow or batchscore settings, no
+    METAFLOW_USER. One install (~1 min) for the plain-pip and the packaging tests, which
+    installs the project on its own beside it (`pip install --no-deps --target`); the
+    pins `pip install .` would resolve are requirements.txt's (test_packaging checks)."""
+    clone = tmp_path_factory.mktemp("fresh") / "batchscore"
+    fresh_copy(clone)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("METAFLOW_", "BATCHSCORE_", "VIRTUAL_ENV", "PYTHON"))
+    }
+    subprocess.run([sys.executable, "-m", "venv", str(clone / "venv")], check=True)
+    python = str(clone / "venv" / "bin" / "python")
+    run_command([python, "-m", "pip", "install", "--quiet", "-r", "requirements.txt"], clone, env)
+    return FreshInstall(clone, python, env)

@@ -11,52 +11,19 @@ covers Metaflow's refusal of `root`. The clone is of the committed HEAD.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_command as run
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.flows]
 
 
-def fresh_copy(target: Path) -> None:
-    if (ROOT / ".git").exists():
-        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True)
-    else:  # not a git checkout: the files a clone would hold
-        shutil.copytree(
-            ROOT,
-            target,
-            ignore=shutil.ignore_patterns(
-                ".venv", ".batchscore", ".metaflow", ".env", "__pycache__"
-            ),
-        )
-
-
-def run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-    return output
-
-
-def test_pip_install_then_both_flows_in_a_fresh_clone(tmp_path):
-    clone = tmp_path / "batchscore"
-    fresh_copy(clone)
-    # A new user's shell: none of the test session's Metaflow or batchscore settings, no
-    # METAFLOW_USER (as root, Metaflow would refuse to run without one).
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("METAFLOW_", "BATCHSCORE_", "VIRTUAL_ENV", "PYTHON"))
-    }
-    subprocess.run([sys.executable, "-m", "venv", str(clone / "venv")], check=True)
-    python = str(clone / "venv" / "bin" / "python")
-    run([python, "-m", "pip", "install", "--quiet", "-r", "requirements.txt"], clone, env)
+def test_pip_install_then_both_flows_in_a_fresh_clone(fresh_install):
+    # A new user's shell (no METAFLOW_USER: as root, Metaflow would refuse to run without
+    # one), after `pip install -r requirements.txt` in a new virtualenv (conftest).
+    clone, python, env = fresh_install.clone, fresh_install.python, fresh_install.env
     try:
         train = run([python, "metaflow/train_models.py", "run"], clone, env)
         assert "champion:" in train
