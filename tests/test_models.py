@@ -171,10 +171,15 @@ def test_champion_finds_positives_on_a_table_with_six_percent_of_them():
 
 def test_branches_share_the_local_cores_and_own_a_pods(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr("batchscore.sizing.cgroup_cpu_limit", lambda: None)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert training_jobs() == 16 // len(MODEL_NAMES)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert training_jobs() == 1  # five branches on two cores: one process each
+    # A container limited to 2 CPUs on a 16-core host counts 2, as the batch's shards do.
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("batchscore.sizing.cgroup_cpu_limit", lambda: 2)
+    assert training_jobs() == 1
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert training_jobs() == BRANCH_CPUS  # one pod per branch, with its @resources cpu
 

@@ -188,8 +188,9 @@ def training_jobs(branches: int = len(MODEL_NAMES)) -> int:
     """
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         return BRANCH_CPUS
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // branches)
+    from batchscore.sizing import machine_cores  # one rule: affinity, container limit
+
+    return max(1, machine_cores() // branches)
 
 
 def train_model(
