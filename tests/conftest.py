@@ -189,12 +189,13 @@ def redis_prefix() -> str:
 
 @pytest.fixture
 def redis_url(redis_server_url: str, redis_prefix: str) -> Iterator[str]:
-    """The test Redis; every key under this test's prefix is deleted afterwards."""
+    """The test Redis; every key under this test's prefix is deleted afterwards (a version's
+    keys carry it inside a hash tag, `{prefix...}`)."""
     import redis
 
     yield redis_server_url
     client = redis.Redis.from_url(redis_server_url)
-    names = list(client.scan_iter(match=f"{redis_prefix}*", count=5_000))
+    names = list(client.scan_iter(match=f"*{redis_prefix}*", count=5_000))
     for first in range(0, len(names), 5_000):
         client.unlink(*names[first : first + 5_000])
     client.close()
