@@ -161,8 +161,10 @@ def test_training_label_that_is_not_binary_is_rejected(tmp_path):
 
 @pytest.mark.flows
 def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
-    embedded_env, tmp_path, settings_for
+    trained_service_env, tmp_path, settings_for
 ):
+    # Scored with the session's one service-mode training (conftest), on a copy of its
+    # database: the batch runs this test records are its own.
     from sqlalchemy import create_engine, func, select
 
     from batchscore.storage.tracking import batch_runs
@@ -172,14 +174,13 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     work.mkdir()
 
     def run(flow: str, **params):
-        with Runner(str(ROOT / "metaflow" / flow), env=embedded_env, cwd=str(work)).run(
+        with Runner(str(ROOT / "metaflow" / flow), env=trained_service_env, cwd=str(work)).run(
             **params
         ) as running:
             return running.status, running.stdout + running.stderr
 
-    assert run("train_models.py", cv_folds=2)[0] == "successful"
     assert run("batch_processing.py")[0] == "successful"
-    settings = settings_for(embedded_env)
+    settings = settings_for(trained_service_env)
     online = OnlineStore.from_settings(settings)
     live = online.current()
     store = ObjectStore.from_settings(settings)

@@ -109,7 +109,6 @@ class HiredisPacker:
 
     def pack(self, *args: Any) -> list[bytes]:
         import hiredis
-        from redis.connection import HiredisRespSerializer
 
         command = args[0]  # "CLIENT SETINFO": redis-py names some commands in two words
         if (" " if isinstance(command, str) else b" ") in command:
@@ -117,6 +116,8 @@ class HiredisPacker:
         try:
             return [hiredis.pack_command(args)]
         except TypeError:
+            from redis.connection import HiredisRespSerializer
+
             return HiredisRespSerializer().pack(*args)
 
 

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from batchscore.sizing import machine_cores
+
 if TYPE_CHECKING:  # numpy, scikit-learn and xgboost load only where a model is used: the
     # training flow's file imports this module for its constants in every process.
     import numpy as np
@@ -188,9 +190,7 @@ def training_jobs(branches: int = len(MODEL_NAMES)) -> int:
     """
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         return BRANCH_CPUS
-    from batchscore.sizing import machine_cores  # one rule: affinity, container limit
-
-    return max(1, machine_cores() // branches)
+    return max(1, machine_cores() // branches)  # affinity and container limit, as the batch
 
 
 def train_model(
