@@ -484,6 +484,24 @@ def _shard_rows(source: str, settings, shard_rows=None, max_tasks=None, features
     return plan, rows
 
 
+@pytest.mark.parametrize(("rows", "tasks"), [(1_000, 1), (120_000, 3), (400_000, 4)])
+def test_locally_a_task_per_core_but_none_for_less_than_a_block(
+    tmp_path, settings_for, monkeypatch, rows, tasks
+):
+    # Each task pays ~1.3 s of CPU to start: a small input is not spread over every core.
+    from batchscore.batch.shards import BLOCK_ROWS, plan_shards
+
+    monkeypatch.setattr("batchscore.batch.shards.machine_cores", lambda: 4)
+    monkeypatch.delenv("METAFLOW_KUBERNETES_WORKLOAD", raising=False)
+    settings = settings_for({"BATCHSCORE_HOME": str(tmp_path / "home")})
+    path = tmp_path / "rows.parquet"
+    values = np.arange(rows, dtype="float64")
+    pq.write_table(pa.table({"a": values, "b": values}), path, row_group_size=10_000)
+    plan = plan_shards(str(path), ["a", "b"], None, "Flow/1", settings)
+    assert len(plan.shards) == tasks == min(4, -(-rows // BLOCK_ROWS))
+    assert sum(p.end - p.start for s in plan.shards for p in s.pieces) == rows
+
+
 @pytest.mark.parametrize("shard_rows", [1_000, 50, 33, 14, 3])
 def test_csv_ranges_cover_every_line_once_wherever_they_cut(tmp_path, settings_for, shard_rows):
     # Lines of uneven length, so range edges fall mid-line, on a line start, and on a

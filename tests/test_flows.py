@@ -4,6 +4,7 @@ then the notebook executed against what they published."""
 from __future__ import annotations
 
 import io
+import math
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import execute_notebook
 from sqlalchemy import create_engine, func, select
 
+from batchscore.batch.shards import BLOCK_ROWS
 from batchscore.online.store import OnlineStore
 from batchscore.rows.keys import row_keys
 from batchscore.sizing import machine_cores
@@ -131,7 +133,8 @@ def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
     notebook_runner(env, project)
 
     # At its defaults the flow sizes itself from the cores: one shard per core (Metaflow's
-    # --max-workers 16 never starts more), each task capped to cores / tasks threads.
+    # --max-workers 16 never starts more), none for less than a block of rows (114 rows:
+    # one), each task capped to cores / tasks threads.
     rows = read_csv(ObjectStore.from_settings(settings), train.data.data.batch_input_uri)
     parquet = project / "rows.parquet"
     rows.to_parquet(parquet)
@@ -139,7 +142,7 @@ def test_embedded_mode_end_to_end(project, settings_for, notebook_runner):
     batch = run_flow("batch_processing.py", env, project, input_path=str(parquet))
     tasks = list(batch["batch_processing"])
     cores = machine_cores()
-    assert len(tasks) == min(cores, len(rows))
+    assert len(tasks) == min(cores, math.ceil(len(rows) / BLOCK_ROWS)) == 1
     assert [t.data.shard.threads for t in tasks] == [max(1, cores // len(tasks))] * len(tasks)
     assert batch.data.keys_written == len(rows)
 
