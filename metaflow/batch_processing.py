@@ -35,7 +35,8 @@ class BatchProcessingFlow(FlowSpec):
         "shard_rows",
         default=0,
         type=int,
-        help="rows per parallel shard; 0 (default): one shard per core, memory permitting",
+        help="rows per parallel shard; 0 (default): a shard per started 50,000 rows, at most one "
+        "per core",
     )
     ttl_days = Parameter(
         "ttl_days",
