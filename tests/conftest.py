@@ -187,15 +187,20 @@ def redis_prefix() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
+def keyspace(client, prefix: str) -> set[str]:
+    """Every key of a test's prefix: control keys, rows and owner hashes (a version's keys
+    carry the prefix inside a hash tag, `{prefix...}`)."""
+    return {k.decode() for k in client.scan_iter(match=f"*{prefix}*", count=5_000)}
+
+
 @pytest.fixture
 def redis_url(redis_server_url: str, redis_prefix: str) -> Iterator[str]:
-    """The test Redis; every key under this test's prefix is deleted afterwards (a version's
-    keys carry it inside a hash tag, `{prefix...}`)."""
+    """The test Redis; every key of this test's prefix is deleted afterwards."""
     import redis
 
     yield redis_server_url
     client = redis.Redis.from_url(redis_server_url)
-    names = list(client.scan_iter(match=f"*{redis_prefix}*", count=5_000))
+    names = list(keyspace(client, redis_prefix))
     for first in range(0, len(names), 5_000):
         client.unlink(*names[first : first + 5_000])
     client.close()

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+from conftest import keyspace
 from threadpoolctl import threadpool_info
 
 from batchscore.batch.bundle import ModelBundle
@@ -110,10 +111,6 @@ def _run_parts(tmp_path, name: str, rows: int, shard_rows: int, settings):
     return path.as_uri(), plan.shards
 
 
-def _keyspace(client, prefix: str) -> set[str]:
-    return {k.decode() for k in client.scan_iter(match=f"*{prefix}*", count=5_000)}
-
-
 @pytest.mark.services
 def test_a_run_superseded_while_writing_leaves_nothing_behind(
     planned, redis_client, redis_prefix, tmp_path
@@ -153,7 +150,7 @@ def test_a_run_superseded_while_writing_leaves_nothing_behind(
         for k in row_keys(np.column_stack([np.arange(1.0, 1_001.0), np.full(1_000, 3.0)]))
     }
     control = {online.pointer, online.versions, online.manifest(new), online.sequence}
-    assert _keyspace(redis_client, redis_prefix) == new_keys | control
+    assert keyspace(redis_client, redis_prefix) == new_keys | control
 
 
 @pytest.mark.services
@@ -246,7 +243,7 @@ def test_a_bad_row_in_the_last_shard_publishes_nothing_and_drops_the_staged_keys
         "Flow/live", live, [score_shard(0, live_shards[0], bundle, live, settings)],
         live_input, bundle, settings,
     ).published  # fmt: skip
-    before = _keyspace(redis_client, redis_prefix)
+    before = keyspace(redis_client, redis_prefix)
 
     frame = pd.DataFrame({"a": np.arange(1.0, 3_001.0), "b": np.full(3_000, 3.0)})
     frame.loc[2_990, "b"] = np.nan
@@ -261,7 +258,7 @@ def test_a_bad_row_in_the_last_shard_publishes_nothing_and_drops_the_staged_keys
     with pytest.raises(InputError, match=r"late.csv: column 'b', the row at byte offset \d+: nan"):
         score_shard(2, plan.shards[2], bundle, version, settings)
     assert online.current() == live
-    assert _keyspace(redis_client, redis_prefix) == before  # the staged version is gone
+    assert keyspace(redis_client, redis_prefix) == before  # the staged version is gone
 
 
 def test_an_id_repeated_in_a_writers_buffer_keeps_its_first_row():

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import keyspace
 from sqlalchemy import create_engine, select, update
 
 from batchscore.batch.predictions import LoadedModel
@@ -138,11 +139,7 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     svc = LoadedModel("svc", None, "0" * 64)
     online.write(newer, 0, ["0" * 64], [(svc, np.array([1]), np.array([0.9]))])
     assert online.publish(newer, 1, 1)
-
-    def keyspace() -> set[bytes]:  # every key of this test's prefix (rows, owners, control)
-        return set(online.client.scan_iter(match=f"*{online.prefix}*", count=5_000))
-
-    before = keyspace()
+    before = keyspace(online.client, online.prefix)
     status, late, output = start_flow("batch_processing.py", service_env, work)
     assert status == "failed"
     line = (
@@ -152,4 +149,4 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     assert output.count(line) == 1, output[-3000:]
     assert "Traceback" not in output
     assert online.current() == newer
-    assert keyspace() == before  # the late run's rows and manifest are gone, nothing else
+    assert keyspace(online.client, online.prefix) == before  # its rows and manifest: gone

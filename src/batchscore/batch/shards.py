@@ -100,8 +100,8 @@ def plan_shards(
     of one input whose columns differ. Bad values are found by the shards (`read_shard`).
     `shard_rows` None: locally one shard per core (`max_tasks`; one per BLOCK_ROWS rows
     for a smaller input), each streaming its pieces in turn, so the run's memory does not
-    follow the input's size; in a pod (Kubernetes,
-    AWS Batch) shards of `sizing.SHARD_FEATURE_BYTES`, run side by side. With
+    follow the input's size; in a pod (Kubernetes, AWS Batch) shards of
+    `sizing.SHARD_FEATURE_BYTES`, run side by side. With
     `shard_rows`, one shard (task) per about that many rows, as asked. `max_tasks` groups
     the pieces into at most that many shards.
     """
@@ -121,7 +121,7 @@ def plan_shards(
         # A task per core, but none for less than a block: a task costs ~1.3 s of CPU to
         # start (scikit-learn's imports), while a block scores in ~0.2 s. The test split
         # (114 rows) as one task instead of two: 6.4-6.8 CPU-s a run instead of 8.5-9.3.
-        max_tasks = max(1, min(cores, math.ceil(total / BLOCK_ROWS)))
+        max_tasks = min(cores, math.ceil(total / BLOCK_ROWS))  # total > 0: at least one
     if shard_rows is None:
         per_task = shard_rows_for_memory(len(feature_columns))
         parts = math.ceil(total / per_task) if remote() else max(1, max_tasks or cores)
