@@ -161,7 +161,7 @@ def test_training_label_that_is_not_binary_is_rejected(tmp_path):
 
 @pytest.mark.flows
 def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
-    trained_service_env, tmp_path, settings_for
+    trained_service_env_local_datastore, tmp_path, settings_for
 ):
     # Scored with the session's one service-mode training (conftest), on a copy of its
     # database: the batch runs this test records are its own.
@@ -170,17 +170,16 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     from batchscore.storage.tracking import batch_runs
     from metaflow import Runner
 
+    env = trained_service_env_local_datastore
     work = tmp_path / "work"
     work.mkdir()
 
     def run(flow: str, **params):
-        with Runner(str(ROOT / "metaflow" / flow), env=trained_service_env, cwd=str(work)).run(
-            **params
-        ) as running:
+        with Runner(str(ROOT / "metaflow" / flow), env=env, cwd=str(work)).run(**params) as running:
             return running.status, running.stdout + running.stderr
 
     assert run("batch_processing.py")[0] == "successful"
-    settings = settings_for(trained_service_env)
+    settings = settings_for(env)
     online = OnlineStore.from_settings(settings)
     live = online.current()
     store = ObjectStore.from_settings(settings)

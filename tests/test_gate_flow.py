@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import keyspace
+from conftest import keyspace, run_command
 from sqlalchemy import create_engine, select, update
 
 from batchscore.batch.predictions import LoadedModel
@@ -34,23 +36,23 @@ def start_flow(flow_file: str, env: dict[str, str], cwd: Path, **params):
         return running.status, running.run, running.stdout + running.stderr
 
 
-def card_text(run, step: str) -> str:
-    """What a card shows: its components, which the HTML page carries base64-encoded."""
-    from metaflow.cards import get_cards
-
-    task = next(iter(run[step]))
-    found = (
-        re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', card.get()) for card in get_cards(task)
-    )
-    return "".join(base64.b64decode(data).decode() for datas in found for data in datas)
+def card_text(flow_file: str, run, step: str, env: dict[str, str], cwd: Path) -> str:
+    """What a card shows (its components, which the HTML page carries base64-encoded), read
+    as the run's summary tells a user to: `card get`, from the directory the run started in
+    (a local run keeps its cards there)."""
+    page = cwd / f"{run.id}-{step}.html"
+    command = [sys.executable, str(ROOT / "metaflow" / flow_file), "card", "get"]
+    run_command([*command, f"{run.id}/{step}", str(page)], cwd, {**os.environ, **env})
+    found = re.findall(r'__MF_DATA__\["[^"]+"\] = "([^"]+)"', page.read_text())
+    return "".join(base64.b64decode(data).decode() for data in found)
 
 
 def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
-    service_training, trained_service_env, tmp_path, settings_for, monkeypatch
+    service_training, trained_service_env_local_datastore, tmp_path, settings_for, monkeypatch
 ):
     # Scored with the session's one service-mode training (conftest), on a copy of its
     # database: this test's batch runs and promotions stay its own.
-    service_env = trained_service_env
+    service_env = trained_service_env_local_datastore
     settings = settings_for(service_env)
     work = tmp_path / "work"
     train = service_training.run
@@ -81,7 +83,7 @@ def test_drift_blocks_quarantine_sets_rows_aside_and_promote_publishes(
     assert "drifted beyond PSI 0.25" in output
     assert online.current() == live
     assert rows_stored() == keys_before > 0
-    card = card_text(blocked, "ingest_redis")
+    card = card_text("batch_processing.py", blocked, "ingest_redis", service_env, work)
     assert "BLOCKED" in card and "mean radius" in card
     # The score histogram is a Vega-Lite chart the card's own script draws (offline).
     assert '"type": "vegaChart"' in card and "this batch" in card and "training split" in card

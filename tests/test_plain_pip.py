@@ -4,7 +4,7 @@
     python metaflow/train_models.py run
     python metaflow/batch_processing.py run
 
-Slow (a virtualenv install, ~1 min with a warm pip cache, then both flows): marked `slow`,
+Slow (a virtualenv install, ~30 s with a warm pip cache, then both flows): marked `slow`,
 and run by `make test` and CI like every other test. CI runs as root, so there this also
 covers Metaflow's refusal of `root`. The clone is of the committed HEAD.
 """
