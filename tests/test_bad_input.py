@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import start_flow
 
 from batchscore.batch.bundle import ModelBundle
 from batchscore.batch.predictions import LoadedModel
@@ -19,7 +20,6 @@ from batchscore.rows.keys import row_keys
 from batchscore.storage.object_store import ObjectStore
 from batchscore.training.datasets import load_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["a", "b", "c"]
 
 
@@ -168,17 +168,10 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     from sqlalchemy import create_engine, func, select
 
     from batchscore.storage.tracking import batch_runs
-    from metaflow import Runner
 
     env = trained_service_env_local_datastore
     work = tmp_path / "work"
-    work.mkdir()
-
-    def run(flow: str, **params):
-        with Runner(str(ROOT / "metaflow" / flow), env=env, cwd=str(work)).run(**params) as running:
-            return running.status, running.stdout + running.stderr
-
-    assert run("batch_processing.py")[0] == "successful"
+    assert start_flow("batch_processing.py", env, work)[0] == "successful"
     settings = settings_for(env)
     online = OnlineStore.from_settings(settings)
     live = online.current()
@@ -187,7 +180,7 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
     bad = tmp_path / "bad.csv"
     published.drop(columns=["mean radius"]).to_csv(bad, index=False)
 
-    status, output = run("batch_processing.py", input_path=str(bad))
+    status, _, output = start_flow("batch_processing.py", env, work, input_path=str(bad))
     assert status == "failed"
     assert "missing feature column(s) ['mean radius']" in output
     assert online.current() == live
@@ -202,20 +195,16 @@ def test_a_rejected_batch_leaves_the_live_version_and_database_untouched(
 def test_a_bad_input_fails_the_flow_at_once_without_retries(embedded_env, tmp_path):
     # A deterministic error is not retried: one short message naming file, column and row,
     # no "Internal error" traceback, and the run fails on its first attempt.
-    from metaflow import Runner
-
     path = tmp_path / "labels.csv"
     path.write_text("x,label\n1.0,fraud\n2.0,legit\n3.0,\n")
     env = {**embedded_env, "BATCHSCORE_STEP_RETRIES": "2"}
-    work = tmp_path / "work"
-    work.mkdir()
-    runner = Runner(str(ROOT / "metaflow" / "train_models.py"), env=env, cwd=str(work))
-    with runner.run(dataset=str(path), target="label") as running:
-        status, output = running.status, running.stdout + running.stderr
+    status, run, output = start_flow(
+        "train_models.py", env, tmp_path / "work", dataset=str(path), target="label"
+    )
     assert status == "failed"
     message = f"{path}: column 'label', row 3: the label is missing"
     assert output.count(message) == 1, output
     assert "Internal error" not in output.split("will not be retried")[0], output
     assert "Traceback" not in output
-    attempts = [t for t in running.run["load_and_prepare_data"]]
+    attempts = [t for t in run["load_and_prepare_data"]]
     assert len(attempts) == 1 and attempts[0].current_attempt == 0

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import redis
+from conftest import start_flow
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy, closed_port
@@ -26,9 +27,6 @@ from batchscore.online.store import OnlineStore
 from batchscore.storage.object_store import ObjectStore, StoreError
 from batchscore.storage.tracking import batch_runs, model_metrics
 from batchscore.versions import new_version
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 META = {"key_scheme": "id", "id_column": "id"}  # rows keyed by readable ids
 
@@ -217,15 +215,6 @@ def test_missing_s3_object_names_the_object(s3_env, settings_for):
 # --------------------------------------------------------- PostgreSQL and resume
 
 
-def run_flow(flow_file: str, env: dict[str, str], cwd: Path, method: str = "run", **params):
-    from metaflow import Runner
-
-    cwd.mkdir(parents=True, exist_ok=True)
-    runner = Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd))
-    with getattr(runner, method)(**params) as running:
-        return running.status, running.run, running.stdout + running.stderr
-
-
 def cut_when_step_starts(proxy: TcpProxy, flow: str, step: str) -> None:
     """Cut the proxy as soon as a new run of `flow` starts `step` (in this session's local
     Metaflow datastore): an outage in the middle of a run."""
@@ -262,14 +251,14 @@ def test_postgres_down_at_store_results_then_resume(
     env = {**embedded_env, "BATCHSCORE_DATABASE_URL": url, "BATCHSCORE_STEP_RETRIES": "0"}
     # Down after `start` checked it (a database down from the outset stops `start`, below).
     cut_when_step_starts(proxy, "TrainModelsFlow", "train_model")
-    status, run, output = run_flow("train_models.py", env, tmp_path / "w", cv_folds=2)
+    status, run, output = start_flow("train_models.py", env, tmp_path / "w", cv_folds=2)
     assert status == "failed"
     assert "TrackingError: database error at postgresql" in output
     assert "store_results" in output
     assert not run["store_results"].task.successful
 
     proxy.restore()
-    status, resumed, output = run_flow(
+    status, resumed, output = start_flow(
         "train_models.py", env, tmp_path / "w", method="resume", origin_run_id=run.id
     )
     assert status == "successful", output
@@ -280,14 +269,14 @@ def test_postgres_down_at_store_results_then_resume(
 
     # Down before the batch flow starts: `start` stops it with one line; then resume.
     proxy.cut()
-    status, run, output = run_flow("batch_processing.py", env, tmp_path / "w")
+    status, run, output = start_flow("batch_processing.py", env, tmp_path / "w")
     assert status == "failed"
     masked = make_url(url).render_as_string(hide_password=True)
     # (The proxy accepts, then drops the connection: not a refusal.)
     assert f"BATCHSCORE_DATABASE_URL ({masked}): the server closed the connection" in output
     assert [step.id for step in run] == ["start"]
     proxy.restore()
-    status, resumed, output = run_flow(
+    status, resumed, output = start_flow(
         "batch_processing.py", env, tmp_path / "w", method="resume", origin_run_id=run.id
     )
     assert status == "successful", output

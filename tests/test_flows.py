@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import execute_notebook
+from conftest import execute_notebook, start_flow
 from sqlalchemy import create_engine, func, select
 
 from batchscore.batch.shards import BLOCK_ROWS
@@ -28,12 +28,9 @@ pytestmark = pytest.mark.flows
 
 def run_flow(flow_file: str, env: dict[str, str], cwd: Path, **params):
     """Run a flow to completion; fail with its output if it did not succeed."""
-    from metaflow import Runner
-
-    cwd.mkdir(parents=True, exist_ok=True)
-    with Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd)).run(**params) as running:
-        assert running.status == "successful", f"{running.stdout}\n{running.stderr}"
-        return running.run
+    status, run, output = start_flow(flow_file, env, cwd, **params)
+    assert status == "successful", output
+    return run
 
 
 def read_csv(store: ObjectStore, key: str) -> pd.DataFrame:

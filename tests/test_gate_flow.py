@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import keyspace, run_command
+from conftest import keyspace, run_command, start_flow
 from sqlalchemy import create_engine, select, update
 
 from batchscore.batch.predictions import LoadedModel
@@ -25,15 +25,6 @@ from batchscore.versions import new_version
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.flows, pytest.mark.services]
-
-
-def start_flow(flow_file: str, env: dict[str, str], cwd: Path, **params):
-    """Run a flow to its end, successful or not: (status, run, output)."""
-    from metaflow import Runner
-
-    cwd.mkdir(parents=True, exist_ok=True)
-    with Runner(str(ROOT / "metaflow" / flow_file), env=env, cwd=str(cwd)).run(**params) as running:
-        return running.status, running.run, running.stdout + running.stderr
 
 
 def card_text(flow_file: str, run, step: str, env: dict[str, str], cwd: Path) -> str:
